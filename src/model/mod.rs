@@ -1,0 +1,24 @@
+//! The domain model: ids, task specs, the task lifecycle, progress, run windows, runners and
+//! VIPs.
+//!
+//! Pure data and validation: nothing here does I/O or knows about ZooKeeper. Every type is a
+//! serde type whose JSON form is what operators see in ZooKeeper and in `taskctl --json`.
+//! Constructors and `validate` methods refuse bad values with a [`ModelError`] that names the
+//! field and the value.
+
+mod cluster;
+mod error;
+mod id;
+mod state;
+mod task;
+mod window;
+
+pub use cluster::{check_vip_address, RunnerInfo, VipConfig, MAX_VIPS_PER_SERVICE};
+pub use error::ModelError;
+pub use id::{NodeId, SnapshotId, TaskId, VolumeId, MAX_NAME_BYTES};
+pub use state::{Change, DesiredState, TaskState, TaskStatus, TRANSITIONS};
+pub use task::{
+    CopyOptions, CopyVolumeSpec, ProgressCounters, RecordVersions, Task, TaskControl, TaskProgress, TaskSpec, Verify,
+    DEFAULT_BLOCKS_IN_FLIGHT, DEFAULT_BLOCK_SIZE_BYTES, DEFAULT_EXTENT_SIZE_BYTES, MAX_HOSTS,
+};
+pub use window::{RunWindow, TimeOfDay};
