@@ -49,7 +49,11 @@ impl VipConfig {
             return Err(ModelError::invalid("vip addresses", "", "need at least one address"));
         }
         if self.addresses.len() > MAX_VIPS_PER_SERVICE {
-            return Err(ModelError::invalid("vip addresses", self.addresses.len().to_string(), "more than 64 addresses"));
+            return Err(ModelError::invalid(
+                "vip addresses",
+                self.addresses.len().to_string(),
+                "more than 64 addresses",
+            ));
         }
         let mut seen = BTreeSet::new();
         for address in &self.addresses {
@@ -85,13 +89,15 @@ mod tests {
 
     #[test]
     fn accepts_documentation_addresses() {
-        let v = VipConfig::new("iscsi", vec!["198.51.100.10".parse().unwrap(), "2001:db8::10".parse().unwrap()]).unwrap();
+        let v =
+            VipConfig::new("iscsi", vec!["198.51.100.10".parse().unwrap(), "2001:db8::10".parse().unwrap()]).unwrap();
         assert_eq!(v.addresses.len(), 2);
     }
 
     #[test]
     fn refuses_addresses_that_cannot_be_vips() {
-        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255", "169.254.1.1", "::1", "fe80::1", "ff02::1"] {
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255", "169.254.1.1", "::1", "fe80::1", "ff02::1"]
+        {
             let err = VipConfig::new("iscsi", vec![bad.parse().unwrap()]).unwrap_err();
             assert!(err.to_string().contains(bad), "{bad}: {err}");
         }

@@ -107,10 +107,9 @@ impl fmt::Display for TaskState {
 impl std::str::FromStr for TaskState {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        TaskState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| ModelError::invalid("task state", s, "expected pending, running, paused, succeeded, failed or canceled"))
+        TaskState::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
+            ModelError::invalid("task state", s, "expected pending, running, paused, succeeded, failed or canceled")
+        })
     }
 }
 
@@ -151,7 +150,14 @@ pub struct TaskStatus {
 impl TaskStatus {
     /// The status of a task just accepted.
     pub fn pending(now_ms: i64) -> Self {
-        TaskStatus { state: TaskState::Pending, runner: None, reason: None, waiting: None, attempts: 0, updated_at_ms: now_ms }
+        TaskStatus {
+            state: TaskState::Pending,
+            runner: None,
+            reason: None,
+            waiting: None,
+            attempts: 0,
+            updated_at_ms: now_ms,
+        }
     }
 
     /// The status after moving to `to`, if the table allows it. Moving to `Running` records the
@@ -166,7 +172,11 @@ impl TaskStatus {
                 next.attempts += 1;
             }
             (TaskState::Running, _) => {
-                return Err(ModelError::invalid("status change", format!("{to}"), "moving to running needs the claiming runner"))
+                return Err(ModelError::invalid(
+                    "status change",
+                    format!("{to}"),
+                    "moving to running needs the claiming runner",
+                ))
             }
             (TaskState::Failed, Change::Failed(reason)) => next.reason = Some(reason),
             (TaskState::Failed, _) => {
@@ -216,7 +226,8 @@ mod tests {
         assert!(legal(Running, Paused) && legal(Paused, Pending) && legal(Paused, Canceled));
         assert!(!legal(Paused, Running), "a resumed task goes back through pending");
         assert!(!legal(Pending, Succeeded) && !legal(Running, Running));
-        let count = TaskState::ALL.iter().flat_map(|f| TaskState::ALL.map(|t| (*f, t))).filter(|(f, t)| legal(*f, *t)).count();
+        let count =
+            TaskState::ALL.iter().flat_map(|f| TaskState::ALL.map(|t| (*f, t))).filter(|(f, t)| legal(*f, *t)).count();
         assert_eq!(count, TRANSITIONS.len());
     }
 

@@ -85,8 +85,13 @@ fn validate_hosts(field: &'static str, hosts: &[String]) -> Result<(), ModelErro
         return Err(ModelError::invalid(field, hosts.join(","), "lists more than 16 hosts"));
     }
     for host in hosts {
-        if host.is_empty() || host.len() > 255 || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
-            return Err(ModelError::invalid(field, host.as_str(), "a host is empty, too long, or holds spaces or commas"));
+        if host.is_empty() || host.len() > 255 || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',')
+        {
+            return Err(ModelError::invalid(
+                field,
+                host.as_str(),
+                "a host is empty, too long, or holds spaces or commas",
+            ));
         }
     }
     Ok(())
@@ -138,7 +143,11 @@ impl CopyOptions {
     pub fn validate(&self) -> Result<(), ModelError> {
         let block = self.block_size_bytes;
         if !block.is_power_of_two() || !(4096..=16 << 20).contains(&block) {
-            return Err(ModelError::invalid("block_size_bytes", block.to_string(), "must be a power of two from 4096 to 16777216"));
+            return Err(ModelError::invalid(
+                "block_size_bytes",
+                block.to_string(),
+                "must be a power of two from 4096 to 16777216",
+            ));
         }
         let extent = self.extent_size_bytes;
         if extent == 0 || extent % u64::from(block) != 0 || extent > 4 << 30 {
@@ -149,10 +158,18 @@ impl CopyOptions {
             ));
         }
         if !(1..=1024).contains(&self.blocks_in_flight) {
-            return Err(ModelError::invalid("blocks_in_flight", self.blocks_in_flight.to_string(), "must be 1 to 1024"));
+            return Err(ModelError::invalid(
+                "blocks_in_flight",
+                self.blocks_in_flight.to_string(),
+                "must be 1 to 1024",
+            ));
         }
         if self.bandwidth_limit_bytes_per_second == Some(0) {
-            return Err(ModelError::invalid("bandwidth_limit_bytes_per_second", "0", "must be positive; omit it for no limit"));
+            return Err(ModelError::invalid(
+                "bandwidth_limit_bytes_per_second",
+                "0",
+                "must be positive; omit it for no limit",
+            ));
         }
         Ok(())
     }
@@ -282,7 +299,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut CopyVolumeSpec)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut CopyVolumeSpec)>;
+        let cases: Vec<(&str, Breaker)> = vec![
             ("source_hosts", Box::new(|s| s.source_hosts.clear())),
             ("target_hosts", Box::new(|s| s.target_hosts = vec!["a b".into()])),
             ("block_size_bytes", Box::new(|s| s.options.block_size_bytes = 5000)),

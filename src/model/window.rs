@@ -136,8 +136,9 @@ impl FromStr for RunWindow {
             .split_once('-')
             .ok_or_else(|| ModelError::invalid("run window", s, "expected HH:MM-HH:MM, like 22:00-04:00"))?;
         let part = |p: &str| {
-            p.parse::<TimeOfDay>()
-                .map_err(|_| ModelError::invalid("run window", s, "expected HH:MM-HH:MM with hours 00-23 and minutes 00-59"))
+            p.parse::<TimeOfDay>().map_err(|_| {
+                ModelError::invalid("run window", s, "expected HH:MM-HH:MM with hours 00-23 and minutes 00-59")
+            })
         };
         RunWindow::new(part(start)?, part(end)?)
     }
@@ -173,9 +174,21 @@ mod tests {
 
     #[test]
     fn refuses_malformed_windows_naming_the_value() {
-        for bad in ["24:00-05:00", "01:60-05:00", "5:7-08:00", "01:00-01:00", "garbage", "", "01:00", "01:00-", "-01:00",
-            "01:00-05:00-06:00", "+1:00-05:00", "01:00 -05:00", "０1:00-05:00"]
-        {
+        for bad in [
+            "24:00-05:00",
+            "01:60-05:00",
+            "5:7-08:00",
+            "01:00-01:00",
+            "garbage",
+            "",
+            "01:00",
+            "01:00-",
+            "-01:00",
+            "01:00-05:00-06:00",
+            "+1:00-05:00",
+            "01:00 -05:00",
+            "０1:00-05:00",
+        ] {
             let err = bad.parse::<RunWindow>().unwrap_err();
             match &err {
                 ModelError::Invalid { field: "run window", value, .. } => assert_eq!(value, bad),

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The project's one test command: installs what the tests need, then format check, clippy and
+# the whole test suite. Used by developers and by CI (.ci/run).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() {
+    printf '\n==> %s\n' "$*"
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "need root for: $* (and sudo is not installed)" >&2
+        return 1
+    fi
+}
+
+step "system packages: zookeeper, java, iproute2"
+if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends zookeeper iproute2
+else
+    echo "already installed"
+fi
+
+step "rust components: rustfmt, clippy"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+else
+    echo "already installed"
+fi
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test --all-targets -- --test-threads=4"
+cargo test --all-targets -- --test-threads=4
+
+step "cargo test --doc"
+cargo test --doc

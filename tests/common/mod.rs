@@ -1,0 +1,59 @@
+//! Test harness shared by the integration tests: a real ZooKeeper server ([`ZkServer`], one
+//! shared per test binary through [`shared_zk`]), a TCP [`Proxy`] to partition one client from
+//! it, tracing setup and bounded waits.
+//!
+//! Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code, unused_imports)]
+
+pub mod proxy;
+pub mod zk;
+
+use std::future::Future;
+use std::time::Duration;
+
+use task_center::coord::SessionStatus;
+use tokio::sync::watch;
+
+pub use proxy::Proxy;
+pub use zk::{connect_string, ensure_installed, shared_zk, unique_chroot, ZkServer, NOT_INSTALLED};
+
+/// The hang guard for one step of a test: long enough never to fire on a slow machine.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sets up tracing once per process: filter from `RUST_LOG` (errors only by default), output
+/// captured by the test harness.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Awaits `future`, panicking with `what` if it takes longer than `limit`. A guard against
+/// hangs, never a way to wait for something.
+pub async fn within<F: Future>(limit: Duration, what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// Awaits `future` under the [`STEP_TIMEOUT`] guard.
+pub async fn step<F: Future>(what: &str, future: F) -> F::Output {
+    within(STEP_TIMEOUT, what, future).await
+}
+
+/// Waits until the followed session status satisfies `pred` (checking the current value first),
+/// and returns that status. Panics with the last status seen after `timeout`.
+pub async fn wait_status(
+    rx: &mut watch::Receiver<SessionStatus>,
+    timeout: Duration,
+    mut pred: impl FnMut(&SessionStatus) -> bool,
+) -> SessionStatus {
+    let outcome = tokio::time::timeout(timeout, async { rx.wait_for(|s| pred(s)).await.map(|s| *s) }).await;
+    match outcome {
+        Ok(Ok(status)) => status,
+        Ok(Err(_)) => panic!("the session status sender is gone; last status {:?}", *rx.borrow()),
+        Err(_) => panic!("session status did not reach the expected state within {timeout:?}; last {:?}", *rx.borrow()),
+    }
+}
