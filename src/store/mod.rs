@@ -1,0 +1,424 @@
+//! The task store: tasks in ZooKeeper, written by role, fenced, compare-and-set.
+//!
+//! A task is three records (see [`layout`]): **control** (spec, run window, desired state),
+//! written only by the dispatcher; **progress** (cursor, counters), written only by the runner
+//! that holds the task's claim; and **status** (state, runner, reason), changed by either through
+//! the transition table. Because control and progress are separate znodes, a progress write
+//! cannot touch a run window however stale the writer's copy of the task is (the bug the seeds
+//! record); because every write carries the version it read, two writers of one record cannot
+//! both win.
+//!
+//! Every write is **fenced**: it is an atomic `multi` whose first operation checks that the
+//! writer's [`Fence`] node still exists. A fence is an ephemeral node of the writer's session that
+//! proves its role: the dispatcher's election candidate, or the runner's claim on the task. When
+//! the session expires the node vanishes and every later write of the old role fails with
+//! [`StoreError::Fenced`], even if the writer has not noticed yet.
+//!
+//! This module reads and writes ZooKeeper; it does not decide anything. The dispatcher and the
+//! runners decide, and call it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::debug;
+
+use crate::clock::Clock;
+use crate::coord::{ensure_path, Coordination, CoordError, CreateMode, Op, OpResult, Version};
+use crate::model::{
+    Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState, TaskStatus,
+};
+
+mod error;
+pub mod layout;
+
+pub use error::StoreError;
+
+/// Result of a task-store call.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How many times a compare-and-set is retried when other writers keep winning.
+pub const CAS_ATTEMPTS: u32 = 16;
+/// Pause between compare-and-set attempts, doubled each time up to 16x.
+const CAS_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Proof of a role: an ephemeral node the writer's session created and never sets. A fenced
+/// write succeeds only while that node exists at version 0.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Fence {
+    path: String,
+}
+
+impl Fence {
+    /// A fence on the node at `path` (an ephemeral node of the writer's session).
+    pub fn new(path: impl Into<String>) -> Self {
+        Fence { path: path.into() }
+    }
+
+    /// The fence node's path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn check(&self) -> Op {
+        Op::Check { path: self.path.clone(), version: 0 }
+    }
+}
+
+/// A runner's claim on a task: the only licence to write its progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskLock {
+    id: TaskId,
+    runner: NodeId,
+    fence: Fence,
+    progress_version: Version,
+}
+
+impl TaskLock {
+    /// The claimed task.
+    pub fn task_id(&self) -> TaskId {
+        self.id
+    }
+
+    /// The runner holding the claim.
+    pub fn runner(&self) -> &NodeId {
+        &self.runner
+    }
+
+    /// The claim node, as a fence for writes made under it.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+}
+
+/// Tasks in the coordination service. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskStore {
+    coord: Arc<dyn Coordination>,
+    clock: Arc<dyn Clock>,
+}
+
+impl TaskStore {
+    /// A store over `coord`, stamping records with `clock`.
+    pub fn new(coord: Arc<dyn Coordination>, clock: Arc<dyn Clock>) -> Self {
+        TaskStore { coord, clock }
+    }
+
+    /// The coordination handle underneath.
+    pub fn coordination(&self) -> &Arc<dyn Coordination> {
+        &self.coord
+    }
+
+    /// Creates the layout's persistent parents if missing. Idempotent.
+    pub async fn init(&self) -> Result<()> {
+        for root in layout::ROOTS {
+            ensure_path(self.coord.as_ref(), root).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores a new task, all three records at once. Idempotent: creating an id that exists with
+    /// the same spec returns the stored task (a client retrying after a lost answer); with a
+    /// different spec it is [`StoreError::AlreadyExists`].
+    pub async fn create(
+        &self,
+        id: TaskId,
+        spec: TaskSpec,
+        run_window: Option<RunWindow>,
+        fence: &Fence,
+    ) -> Result<Task> {
+        spec.validate()?;
+        let now = self.clock.now_ms();
+        let control = TaskControl::new(spec, run_window, now);
+        let status = TaskStatus::pending(now);
+        let progress = TaskProgress::default();
+        let persistent = |path: String, data: Vec<u8>| Op::Create { path, data, mode: CreateMode::Persistent };
+        let ops = vec![
+            fence.check(),
+            persistent(layout::task(&id), encode(&control)),
+            persistent(layout::status(&id), encode(&status)),
+            persistent(layout::progress(&id), encode(&progress)),
+            persistent(layout::locks(&id), Vec::new()),
+        ];
+        match self.coord.multi(ops).await {
+            Ok(_) => Ok(Task { id, control, status, progress, versions: RecordVersions::default() }),
+            Err(e) => {
+                let e = fence_error(e, fence)?;
+                if !matches!(e.root(), CoordError::NodeExists { .. }) {
+                    return Err(e.into());
+                }
+                let stored = self.get(&id).await?;
+                if stored.control.spec == control.spec {
+                    Ok(stored)
+                } else {
+                    Err(StoreError::AlreadyExists { id })
+                }
+            }
+        }
+    }
+
+    /// Reads a task's three records.
+    pub async fn get(&self, id: &TaskId) -> Result<Task> {
+        let paths = (layout::task(id), layout::status(id), layout::progress(id));
+        let (control, status, progress) = tokio::join!(
+            self.read::<TaskControl>(&paths.0),
+            self.read::<TaskStatus>(&paths.1),
+            self.read::<TaskProgress>(&paths.2),
+        );
+        let not_found = |e: StoreError| match e {
+            StoreError::Coord(CoordError::NoNode { .. }) => StoreError::NotFound { id: *id },
+            other => other,
+        };
+        let (control, control_version) = control.map_err(not_found)?;
+        let (status, status_version) = status.map_err(not_found)?;
+        let (progress, progress_version) = progress.map_err(not_found)?;
+        let versions = RecordVersions { control: control_version, status: status_version, progress: progress_version };
+        Ok(Task { id: *id, control, status, progress, versions })
+    }
+
+    /// The ids of all stored tasks, in creation order. Names under `/tasks` that are not task ids
+    /// are skipped.
+    pub async fn list_ids(&self) -> Result<Vec<TaskId>> {
+        let names = self.coord.children(layout::TASKS).await?;
+        let mut ids: Vec<TaskId> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Changes a task's control record (dispatcher only): reads it, lets `change` edit it, and
+    /// writes it back if it is still at the version read, retrying otherwise. Returns the task as
+    /// stored after the change.
+    pub async fn update_control<F>(&self, id: &TaskId, fence: &Fence, mut change: F) -> Result<Task>
+    where
+        F: FnMut(&mut TaskControl) -> Result<()> + Send,
+    {
+        for attempt in 0..CAS_ATTEMPTS {
+            let mut task = self.get(id).await?;
+            change(&mut task.control)?;
+            task.control.updated_at_ms = self.clock.now_ms();
+            let ops = vec![
+                fence.check(),
+                Op::Set { path: layout::task(id), data: encode(&task.control), expected: Some(task.versions.control) },
+            ];
+            match self.coord.multi(ops).await {
+                Ok(results) => {
+                    task.versions.control = set_version(&results, 1);
+                    return Ok(task);
+                }
+                Err(e) => retry_on_bad_version(fence_error(e, fence)?, attempt).await?,
+            }
+        }
+        Err(StoreError::Conflict { id: *id, record: "control" })
+    }
+
+    /// Moves a task's status through the transition table. `decide` sees the task as stored and
+    /// returns the target state (or `None` to leave it as it is); the move is written if the
+    /// status is still at the version read, retried otherwise. Returns the task as stored after.
+    pub async fn transition<F>(&self, id: &TaskId, fence: &Fence, mut decide: F) -> Result<Task>
+    where
+        F: FnMut(&Task) -> Result<Option<(TaskState, Change)>> + Send,
+    {
+        for attempt in 0..CAS_ATTEMPTS {
+            let mut task = self.get(id).await?;
+            let Some((to, change)) = decide(&task)? else { return Ok(task) };
+            task.status = task.status.transition(to, change, self.clock.now_ms())?;
+            let ops = vec![
+                fence.check(),
+                Op::Set { path: layout::status(id), data: encode(&task.status), expected: Some(task.versions.status) },
+            ];
+            match self.coord.multi(ops).await {
+                Ok(results) => {
+                    task.versions.status = set_version(&results, 1);
+                    debug!(task = %id, state = %to, "status changed");
+                    return Ok(task);
+                }
+                Err(e) => retry_on_bad_version(fence_error(e, fence)?, attempt).await?,
+            }
+        }
+        Err(StoreError::Conflict { id: *id, record: "status" })
+    }
+
+    /// Claims a task for `runner`. Fails with [`StoreError::Claimed`] if another runner holds it;
+    /// the claim lasts until [`TaskStore::release`] or the end of the runner's session.
+    pub async fn claim(&self, id: &TaskId, runner: &NodeId) -> Result<TaskLock> {
+        let locks = layout::locks(id);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("{locks}/{}{}-", layout::CLAIM_PREFIX, &token[..12]);
+        let ours = match self.coord.create(&prefix, runner.as_str().as_bytes(), CreateMode::EphemeralSequential).await {
+            Ok(path) => path,
+            Err(CoordError::NoNode { .. }) => return Err(StoreError::NotFound { id: *id }),
+            Err(e) if e.is_transient() => {
+                // The create may have landed: find it by its token so it does not block the task.
+                if let Ok(names) = self.coord.children(&locks).await {
+                    if let Some(name) = names.iter().find(|n| n.starts_with(&prefix[locks.len() + 1..])) {
+                        let _ = self.coord.delete(&format!("{locks}/{name}"), None).await;
+                    }
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut names = self.coord.children(&locks).await?;
+        layout::sort_by_sequence(&mut names);
+        let first = names.first().map(|name| format!("{locks}/{name}"));
+        if first.as_deref() == Some(ours.as_str()) {
+            let (_, progress_version) = self.read::<TaskProgress>(&layout::progress(id)).await?;
+            return Ok(TaskLock { id: *id, runner: runner.clone(), fence: Fence::new(ours), progress_version });
+        }
+        let _ = self.coord.delete(&ours, None).await;
+        let holder = match first {
+            Some(path) => self.coord.get(&path).await.ok().and_then(|(data, _)| node_id(&data)),
+            None => None,
+        };
+        Err(StoreError::Claimed { id: *id, holder })
+    }
+
+    /// Gives a claim up. A claim already gone (session expired) is not an error.
+    pub async fn release(&self, lock: TaskLock) -> Result<()> {
+        match self.coord.delete(lock.fence.path(), None).await {
+            Ok(()) | Err(CoordError::NoNode { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The runner holding a task's claim, if any.
+    pub async fn claim_holder(&self, id: &TaskId) -> Result<Option<NodeId>> {
+        let locks = layout::locks(id);
+        let mut names = match self.coord.children(&locks).await {
+            Ok(names) => names,
+            Err(CoordError::NoNode { .. }) => return Err(StoreError::NotFound { id: *id }),
+            Err(e) => return Err(e.into()),
+        };
+        layout::sort_by_sequence(&mut names);
+        for name in names {
+            match self.coord.get(&format!("{locks}/{name}")).await {
+                Ok((data, _)) => return Ok(node_id(&data)),
+                Err(CoordError::NoNode { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Commits progress under a claim. Refused with [`StoreError::Fenced`] once the claim is gone.
+    /// Safe to retry after a transient error: a retry of a write that had landed succeeds.
+    pub async fn commit_progress(&self, lock: &mut TaskLock, progress: &TaskProgress) -> Result<()> {
+        self.commit(lock, progress, None).await.map(drop)
+    }
+
+    /// Commits progress and moves the status in one atomic write under a claim (for instance the
+    /// final progress with `Succeeded`). Returns the task as stored after.
+    pub async fn commit_with_transition(
+        &self,
+        lock: &mut TaskLock,
+        progress: &TaskProgress,
+        to: TaskState,
+        change: Change,
+    ) -> Result<Task> {
+        self.commit(lock, progress, Some((to, change))).await.and_then(|task| task.ok_or(StoreError::NotFound { id: lock.id }))
+    }
+
+    async fn commit(
+        &self,
+        lock: &mut TaskLock,
+        progress: &TaskProgress,
+        transition: Option<(TaskState, Change)>,
+    ) -> Result<Option<Task>> {
+        let id = lock.id;
+        for attempt in 0..CAS_ATTEMPTS {
+            let mut task = match &transition {
+                Some(_) => Some(self.get(&id).await?),
+                None => None,
+            };
+            let data = encode(progress);
+            let mut ops = vec![
+                lock.fence.check(),
+                Op::Set { path: layout::progress(&id), data: data.clone(), expected: Some(lock.progress_version) },
+            ];
+            if let (Some(task), Some((to, change))) = (task.as_mut(), &transition) {
+                task.status = task.status.transition(*to, change.clone(), self.clock.now_ms())?;
+                let status = encode(&task.status);
+                ops.push(Op::Set { path: layout::status(&id), data: status, expected: Some(task.versions.status) });
+            }
+            match self.coord.multi(ops).await {
+                Ok(results) => {
+                    lock.progress_version = set_version(&results, 1);
+                    if let Some(task) = task.as_mut() {
+                        task.progress = progress.clone();
+                        task.versions.progress = lock.progress_version;
+                        task.versions.status = set_version(&results, 2);
+                    }
+                    return Ok(task);
+                }
+                Err(e) => match fence_error(e, &lock.fence)? {
+                    CoordError::OpFailed { index: 1, .. } => {
+                        // Only this claim writes progress: a newer version is our own earlier
+                        // write whose answer was lost, or a broken invariant.
+                        let (stored, version) = self.read::<TaskProgress>(&layout::progress(&id)).await?;
+                        if stored != *progress {
+                            return Err(StoreError::Fenced { fence: lock.fence.path().to_string() });
+                        }
+                        lock.progress_version = version;
+                        match &transition {
+                            None => return Ok(None),
+                            Some((to, _)) => {
+                                let task = self.get(&id).await?;
+                                if task.status.state == *to {
+                                    return Ok(Some(task));
+                                }
+                            }
+                        }
+                    }
+                    other => retry_on_bad_version(other, attempt).await?,
+                },
+            }
+        }
+        Err(StoreError::Conflict { id, record: "status" })
+    }
+
+    async fn read<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Version)> {
+        let (data, stat) = self.coord.get(path).await?;
+        Ok((decode(path, &data)?, stat.version))
+    }
+}
+
+/// Serializes a record. Records are plain data; encoding cannot fail.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
+/// Deserializes a record read from `path`.
+pub(crate) fn decode<T: DeserializeOwned>(path: &str, data: &[u8]) -> Result<T> {
+    serde_json::from_slice(data).map_err(|e| StoreError::Corrupt { path: path.to_string(), reason: e.to_string() })
+}
+
+fn node_id(data: &[u8]) -> Option<NodeId> {
+    std::str::from_utf8(data).ok().and_then(|s| NodeId::new(s).ok())
+}
+
+/// The new version written by the `Set` at `index` of a successful multi.
+fn set_version(results: &[OpResult], index: usize) -> Version {
+    match results.get(index) {
+        Some(OpResult::Set(stat)) => stat.version,
+        other => unreachable!("multi result {index} of a fenced set is {other:?}"),
+    }
+}
+
+/// Turns a failed fence check (operation 0) into [`StoreError::Fenced`]; passes other errors on.
+fn fence_error(e: CoordError, fence: &Fence) -> Result<CoordError> {
+    match e {
+        CoordError::OpFailed { index: 0, .. } => Err(StoreError::Fenced { fence: fence.path().to_string() }),
+        other => Ok(other),
+    }
+}
+
+/// Waits before the next compare-and-set attempt if `e` is a lost race; fails otherwise.
+async fn retry_on_bad_version(e: CoordError, attempt: u32) -> Result<()> {
+    if matches!(e.root(), CoordError::BadVersion { .. }) {
+        tokio::time::sleep(CAS_BACKOFF * 2u32.pow(attempt.min(4))).await;
+        Ok(())
+    } else {
+        Err(e.into())
+    }
+}
