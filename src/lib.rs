@@ -60,8 +60,15 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+pub mod actors;
+pub mod api;
 pub mod cache;
+pub mod center;
 pub mod clock;
 pub mod coord;
+pub mod exec;
 pub mod model;
 pub mod store;
+pub mod transport;
+
+pub use center::{TaskCenter, TaskCenterBuilder, TaskCenterHandle};

@@ -32,6 +32,7 @@ const SCHEMA_VERSION: &[u8] = b"1";
 type Index = Database<'static, Bytes, Unit>;
 
 /// One change to apply to the cache.
+#[allow(clippy::large_enum_variant)] // batches are short-lived; most changes are upserts
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CacheChange {
     /// Insert or update a task. Each of its records is kept at the higher of the stored and the
@@ -225,10 +226,13 @@ impl TaskCache {
     ) -> Result<Vec<Task>, CacheError> {
         let mut tasks = Vec::new();
         for id in ids.take(limit) {
-            let id = TaskId::from_bytes(id.map_err(|e| self.err(e))?.try_into().expect("index keys end in a 16-byte id"));
+            let id =
+                TaskId::from_bytes(id.map_err(|e| self.err(e))?.try_into().expect("index keys end in a 16-byte id"));
             match self.get_in(rtxn, &id)? {
                 Some(task) => tasks.push(task),
-                None => return Err(CacheError::Corrupt { path: self.path.clone(), reason: format!("index names {id}") }),
+                None => {
+                    return Err(CacheError::Corrupt { path: self.path.clone(), reason: format!("index names {id}") })
+                }
             }
         }
         Ok(tasks)
@@ -269,7 +273,8 @@ impl TaskCache {
     }
 
     fn decode(&self, value: &[u8]) -> Result<Task, CacheError> {
-        serde_json::from_slice(value).map_err(|e| CacheError::Corrupt { path: self.path.clone(), reason: e.to_string() })
+        serde_json::from_slice(value)
+            .map_err(|e| CacheError::Corrupt { path: self.path.clone(), reason: e.to_string() })
     }
 
     fn err(&self, e: heed::Error) -> CacheError {

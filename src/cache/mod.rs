@@ -91,6 +91,7 @@ pub struct MirrorStatus {
 pub struct TaskMirror {
     cache: Arc<TaskCache>,
     status: watch::Receiver<MirrorStatus>,
+    reload: tokio::sync::mpsc::Sender<()>,
     follower: JoinHandle<()>,
 }
 
@@ -102,8 +103,26 @@ impl TaskMirror {
         let cache = blocking(move || TaskCache::open(&dir)).await?;
         let cache = Arc::new(cache);
         let (tx, status) = watch::channel(MirrorStatus::default());
-        let follower = tokio::spawn(Follower { store, cache: cache.clone(), status: tx }.run());
-        Ok(TaskMirror { cache, status, follower })
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
+        let follower = tokio::spawn(Follower { store, cache: cache.clone(), status: tx, reloads }.run());
+        Ok(TaskMirror { cache, status, reload, follower })
+    }
+
+    /// Reloads everything from ZooKeeper and waits until the reload is done (a new leader does
+    /// this before it acts, so that its view is current).
+    pub async fn reload(&self) {
+        let mut status = self.status.clone();
+        let done = status.borrow_and_update().reloads + 1;
+        // A full queue means a reload is already due; it counts.
+        let _ = self.reload.try_send(());
+        let _ = status.wait_for(|s| s.reloads >= done && s.synced).await;
+    }
+
+    /// Writes a task read from (or just written to) ZooKeeper into the cache at once, so that the
+    /// writer reads its own write. Merged by version like every other change.
+    pub async fn upsert(&self, task: Task) -> Result<(), CacheError> {
+        let cache = self.cache.clone();
+        blocking(move || cache.apply(&[CacheChange::Upsert(task)])).await
     }
 
     /// Follows the mirror's status.
@@ -165,6 +184,7 @@ struct Follower {
     store: TaskStore,
     cache: Arc<TaskCache>,
     status: watch::Sender<MirrorStatus>,
+    reloads: tokio::sync::mpsc::Receiver<()>,
 }
 
 /// Why the follow loop stopped following.
@@ -176,7 +196,7 @@ enum Restart {
 }
 
 impl Follower {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut delay = RETRY_BACKOFF_MIN;
         loop {
             self.set_synced(false);
@@ -192,7 +212,7 @@ impl Follower {
     }
 
     /// Watches, reloads and follows until the watch is lost.
-    async fn follow(&self) -> Result<(), StoreError> {
+    async fn follow(&mut self) -> Result<(), StoreError> {
         self.wait_connected().await;
         let mut watch = self.store.coordination().watch_tree(layout::TASKS).await?;
         loop {
@@ -238,9 +258,13 @@ impl Follower {
     }
 
     /// Applies events in batches until events may have been missed or the watch ends.
-    async fn follow_events(&self, watch: &mut TreeWatch) -> Result<Restart, StoreError> {
+    async fn follow_events(&mut self, watch: &mut TreeWatch) -> Result<Restart, StoreError> {
         loop {
-            let Some(first) = watch.next().await else { return Ok(Restart::Rewatch) };
+            let first = tokio::select! {
+                event = watch.next() => event,
+                Some(()) = self.reloads.recv() => return Ok(Restart::Reload),
+            };
+            let Some(first) = first else { return Ok(Restart::Rewatch) };
             let mut events = vec![first];
             while events.len() < MAX_BATCH_EVENTS {
                 match futures::FutureExt::now_or_never(watch.next()) {
@@ -257,14 +281,12 @@ impl Follower {
                         self.set_synced(false);
                         return Ok(Restart::Reload);
                     }
-                    _ => match layout::parse_task_path(&event.path) {
-                        Some(
-                            layout::TaskPath::Control(id) | layout::TaskPath::Status(id) | layout::TaskPath::Progress(id),
-                        ) => {
+                    _ => {
+                        use layout::TaskPath::{Control, Progress, Status};
+                        if let Some(Control(id) | Status(id) | Progress(id)) = layout::parse_task_path(&event.path) {
                             dirty.insert(id);
                         }
-                        _ => {}
-                    },
+                    }
                 }
             }
             if dirty.is_empty() {

@@ -18,9 +18,10 @@ pub const DEFAULT_BLOCKS_IN_FLIGHT: u32 = 16;
 /// Most hosts a volume endpoint may list.
 pub const MAX_HOSTS: usize = 16;
 
-/// What a task does. Tagged by `kind` in its JSON form.
+/// What a task does. Externally tagged (`{"copy_volume": {...}}`), which both JSON and the
+/// binary wire encoding (postcard, which cannot read internally tagged enums) support.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum TaskSpec {
     /// Copy a source volume's snapshot to a target volume.
     CopyVolume(CopyVolumeSpec),
@@ -327,8 +328,8 @@ mod tests {
 
     #[test]
     fn spec_json_is_tagged_and_options_default() {
-        let json = r#"{"kind":"copy_volume","source_volume":"a","target_volume":"b",
-            "source_hosts":["h1"],"target_hosts":["h2"],"base_snapshot":null}"#;
+        let json = r#"{"copy_volume":{"source_volume":"a","target_volume":"b",
+            "source_hosts":["h1"],"target_hosts":["h2"],"base_snapshot":null}}"#;
         let spec: TaskSpec = serde_json::from_str(json).unwrap();
         let TaskSpec::CopyVolume(copy) = &spec;
         assert_eq!(copy.options, CopyOptions::default());

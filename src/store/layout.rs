@@ -138,7 +138,8 @@ mod tests {
 
     #[test]
     fn sequence_order_ignores_the_token() {
-        let mut names = vec!["claim-zz-0000000010".to_string(), "claim-aa-0000000011".into(), "claim-mm-0000000002".into()];
+        let mut names =
+            vec!["claim-zz-0000000010".to_string(), "claim-aa-0000000011".into(), "claim-mm-0000000002".into()];
         sort_by_sequence(&mut names);
         assert_eq!(names, ["claim-mm-0000000002", "claim-zz-0000000010", "claim-aa-0000000011"]);
         assert_eq!(sequence("x"), None);

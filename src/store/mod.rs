@@ -25,7 +25,7 @@ use serde::Serialize;
 use tracing::debug;
 
 use crate::clock::Clock;
-use crate::coord::{ensure_path, Coordination, CoordError, CreateMode, Op, OpResult, Version};
+use crate::coord::{ensure_path, CoordError, Coordination, CreateMode, Op, OpResult, Version};
 use crate::model::{
     Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState, TaskStatus,
 };
@@ -259,19 +259,44 @@ impl TaskStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut names = self.coord.children(&locks).await?;
-        layout::sort_by_sequence(&mut names);
-        let first = names.first().map(|name| format!("{locks}/{name}"));
-        if first.as_deref() == Some(ours.as_str()) {
-            let (_, progress_version) = self.read::<TaskProgress>(&layout::progress(id)).await?;
-            return Ok(TaskLock { id: *id, runner: runner.clone(), fence: Fence::new(ours), progress_version });
+        match self.settle_claim(id, runner, &locks, &ours).await {
+            Ok(lock) => Ok(lock),
+            Err(e) => {
+                // Leave no claim behind: a claim nobody knows it holds would block the task until
+                // the session ends. If this delete is lost too, the next claim of this session
+                // adopts the node (see `settle_claim`).
+                let _ = self.coord.delete(&ours, None).await;
+                Err(e)
+            }
         }
-        let _ = self.coord.delete(&ours, None).await;
-        let holder = match first {
-            Some(path) => self.coord.get(&path).await.ok().and_then(|(data, _)| node_id(&data)),
-            None => None,
+    }
+
+    /// Decides a fresh claim node `ours`: owner if it (or an earlier, forgotten claim of this same
+    /// session) has the lowest sequence; `Claimed` otherwise.
+    async fn settle_claim(&self, id: &TaskId, runner: &NodeId, locks: &str, ours: &str) -> Result<TaskLock> {
+        let mut names = self.coord.children(locks).await?;
+        layout::sort_by_sequence(&mut names);
+        let Some(first) = names.first().map(|name| format!("{locks}/{name}")) else {
+            return Err(StoreError::Coord(CoordError::NoNode { path: ours.to_string() }));
         };
-        Err(StoreError::Claimed { id: *id, holder })
+        let owner = if first == ours {
+            Some(first)
+        } else {
+            match self.coord.get(&first).await {
+                Ok((data, stat))
+                    if stat.ephemeral_owner == self.coord.session_id() && node_id(&data).as_ref() == Some(runner) =>
+                {
+                    let _ = self.coord.delete(ours, None).await;
+                    Some(first)
+                }
+                Ok((data, _)) => return Err(StoreError::Claimed { id: *id, holder: node_id(&data) }),
+                Err(CoordError::NoNode { .. }) => return Err(StoreError::Claimed { id: *id, holder: None }),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let fence = Fence::new(owner.expect("owner is set"));
+        let (_, progress_version) = self.read::<TaskProgress>(&layout::progress(id)).await?;
+        Ok(TaskLock { id: *id, runner: runner.clone(), fence, progress_version })
     }
 
     /// Gives a claim up. A claim already gone (session expired) is not an error.
@@ -316,7 +341,9 @@ impl TaskStore {
         to: TaskState,
         change: Change,
     ) -> Result<Task> {
-        self.commit(lock, progress, Some((to, change))).await.and_then(|task| task.ok_or(StoreError::NotFound { id: lock.id }))
+        self.commit(lock, progress, Some((to, change)))
+            .await
+            .and_then(|task| task.ok_or(StoreError::NotFound { id: lock.id }))
     }
 
     async fn commit(

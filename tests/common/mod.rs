@@ -6,6 +6,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod proxy;
+pub mod tasks;
 pub mod zk;
 
 use std::future::Future;

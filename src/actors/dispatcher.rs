@@ -1,0 +1,489 @@
+//! The dispatcher: on every node, active on the leader only.
+//!
+//! Every node's dispatcher takes client requests; a follower forwards them to the leader
+//! ([`requests::forward`]). The leader's dispatcher serves them ([`requests::Leader`]) and
+//! schedules: it assigns pending tasks to live runners (least loaded first, within capacity) and
+//! puts the tasks of vanished runners back to pending. Scheduling runs when something may have
+//! changed (a new task, a runner joining or leaving, a task finishing: any change the mirror takes
+//! in) and on a periodic sweep.
+//!
+//! On winning the election the dispatcher first reloads its mirror from ZooKeeper, and only then
+//! serves and schedules. On losing it (or on losing the certainty, when the session is suspended)
+//! it stops at once; its fence makes any write still in flight fail.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::election::Leadership;
+use super::requests::{forward, Leader};
+use crate::api::{ApiError, ClientReply, ClientRequest, PeerReply, PeerRequest};
+use crate::cache::TaskMirror;
+use crate::coord::{CoordError, EventKind};
+use crate::exec::StopToken;
+use crate::model::{Change, DesiredState, NodeId, RunnerInfo, Task, TaskId, TaskState};
+use crate::store::{decode, layout, Fence, TaskStore};
+use crate::transport::Transport;
+
+/// Most tasks one scheduling pass looks at.
+pub const MAX_PASS_TASKS: usize = 10_000;
+/// Delay that folds a burst of triggers into one scheduling pass.
+const PASS_DEBOUNCE: Duration = Duration::from_millis(20);
+/// First wait before a refused or failed assignment of a task is tried again; doubles per failure.
+const ASSIGN_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const ASSIGN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long an accepted assignment counts towards its runner's load while the mirror has not
+/// yet seen the task running.
+const ASSIGNED_GRACE: Duration = Duration::from_secs(10);
+
+/// A client request, from the host handle or forwarded by a follower.
+#[derive(Message)]
+#[rtype(result = "Result<ClientReply, ApiError>")]
+pub struct Client {
+    /// The request.
+    pub request: ClientRequest,
+    /// Came from another node: serve it if leading, never forward it again.
+    pub forwarded: bool,
+}
+
+/// Whether this node leads and serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaderStatus {
+    /// Won the election and confirmed it.
+    pub leader: bool,
+    /// Leading, with the mirror reloaded: serving and scheduling.
+    pub ready: bool,
+}
+
+/// Run a scheduling pass soon.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kick;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Ready(u64);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RunnersChanged(Vec<RunnerInfo>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PassData {
+    term: u64,
+    pending: Vec<Task>,
+    running: Vec<Task>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Assigned {
+    id: TaskId,
+    runner: NodeId,
+    result: Result<(), ApiError>,
+}
+
+/// What a dispatcher needs.
+pub(crate) struct DispatcherConfig {
+    pub node: NodeId,
+    pub store: TaskStore,
+    pub mirror: Arc<TaskMirror>,
+    pub transport: Arc<dyn Transport>,
+    pub sweep_interval: Duration,
+    pub request_timeout: Duration,
+    pub call_timeout: Duration,
+    pub mailbox_capacity: usize,
+    pub status: watch::Sender<LeaderStatus>,
+}
+
+struct Lead {
+    fence: Fence,
+    term: u64,
+    ready: bool,
+}
+
+/// The dispatcher actor. See the module docs.
+pub struct Dispatcher {
+    config: DispatcherConfig,
+    lead: Option<Lead>,
+    term: u64,
+    runners: Arc<Vec<RunnerInfo>>,
+    /// Assignments sent and not answered.
+    in_flight: HashMap<TaskId, NodeId>,
+    /// Assignments accepted that the mirror may not show yet.
+    assigned: HashMap<TaskId, (NodeId, Instant)>,
+    /// Tasks whose assignment failed, and when to try again.
+    backoff: HashMap<TaskId, (Instant, u32)>,
+    /// Tasks being put back to pending.
+    rescuing: HashSet<TaskId>,
+    pass_scheduled: bool,
+    stop: StopToken,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(config: DispatcherConfig) -> Self {
+        Dispatcher {
+            config,
+            lead: None,
+            term: 0,
+            runners: Arc::new(Vec::new()),
+            in_flight: HashMap::new(),
+            assigned: HashMap::new(),
+            backoff: HashMap::new(),
+            rescuing: HashSet::new(),
+            pass_scheduled: false,
+            stop: StopToken::new(),
+        }
+    }
+
+    fn leader(&self) -> Option<Leader> {
+        let lead = self.lead.as_ref().filter(|l| l.ready)?;
+        Some(Leader {
+            store: self.config.store.clone(),
+            fence: lead.fence.clone(),
+            mirror: self.config.mirror.clone(),
+            transport: self.config.transport.clone(),
+            runners: self.runners.clone(),
+            call_timeout: self.config.call_timeout,
+        })
+    }
+
+    fn publish(&self) {
+        let status = LeaderStatus { leader: self.lead.is_some(), ready: self.lead.as_ref().is_some_and(|l| l.ready) };
+        self.config.status.send_if_modified(|s| std::mem::replace(s, status) != status);
+    }
+
+    fn kick(&mut self, ctx: &mut Context<Self>) {
+        if self.pass_scheduled || !self.lead.as_ref().is_some_and(|l| l.ready) {
+            return;
+        }
+        self.pass_scheduled = true;
+        ctx.run_later(PASS_DEBOUNCE, |act, ctx| act.start_pass(ctx));
+    }
+
+    /// Reads what a pass needs from the mirror (off the actor thread) and sends it back.
+    fn start_pass(&mut self, ctx: &mut Context<Self>) {
+        let Some(lead) = self.lead.as_ref().filter(|l| l.ready) else {
+            self.pass_scheduled = false;
+            return;
+        };
+        let (mirror, term, addr) = (self.config.mirror.clone(), lead.term, ctx.address());
+        actix::spawn(async move {
+            let pending = mirror.list_by_state(TaskState::Pending, i64::MIN, MAX_PASS_TASKS).await;
+            let running = mirror.list_by_state(TaskState::Running, i64::MIN, MAX_PASS_TASKS).await;
+            match (pending, running) {
+                (Ok(pending), Ok(running)) => addr.do_send(PassData { term, pending, running }),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!(error = %e, "cannot read the task mirror for scheduling");
+                    addr.do_send(PassData { term, pending: Vec::new(), running: Vec::new() });
+                }
+            }
+        });
+    }
+
+    fn schedule(&mut self, pending: Vec<Task>, running: Vec<Task>, ctx: &mut Context<Self>) {
+        let Some(lead) = self.lead.as_ref().filter(|l| l.ready) else { return };
+        let fence = lead.fence.clone();
+        let now = Instant::now();
+        let pending_ids: HashSet<TaskId> = pending.iter().map(|t| t.id).collect();
+        self.assigned.retain(|id, (_, at)| pending_ids.contains(id) && now.duration_since(*at) < ASSIGNED_GRACE);
+        self.backoff.retain(|id, _| pending_ids.contains(id));
+
+        let mut load: HashMap<&NodeId, u32> = self.runners.iter().map(|r| (&r.node, 0)).collect();
+        for task in &running {
+            if let Some(count) = task.status.runner.as_ref().and_then(|r| load.get_mut(r)) {
+                *count += 1;
+            }
+        }
+        for runner in self.in_flight.values().chain(self.assigned.values().map(|(r, _)| r)) {
+            if let Some(count) = load.get_mut(runner) {
+                *count += 1;
+            }
+        }
+
+        let mut sends = Vec::new();
+        for task in &pending {
+            if task.control.desired != DesiredState::Run
+                || self.in_flight.contains_key(&task.id)
+                || self.assigned.contains_key(&task.id)
+                || self.backoff.get(&task.id).is_some_and(|(at, _)| *at > now)
+            {
+                continue;
+            }
+            let choice = self
+                .runners
+                .iter()
+                .filter(|r| load.get(&r.node).copied().unwrap_or(u32::MAX) < r.capacity)
+                .min_by_key(|r| (load.get(&r.node).copied().unwrap_or(u32::MAX), r.node.clone()));
+            let Some(runner) = choice else { break };
+            *load.get_mut(&runner.node).expect("chosen runners have a load") += 1;
+            sends.push((task.id, runner.clone()));
+        }
+        for (id, runner) in sends {
+            self.in_flight.insert(id, runner.node.clone());
+            let (transport, timeout, addr) = (self.config.transport.clone(), self.config.call_timeout, ctx.address());
+            actix::spawn(async move {
+                let result = match transport.call(&runner.address, PeerRequest::Assign { id }, timeout).await {
+                    Ok(PeerReply::Assign(result)) => result,
+                    Ok(other) => Err(ApiError::Internal(format!("runner answered {other:?}"))),
+                    Err(e) => Err(ApiError::Unavailable(e.to_string())),
+                };
+                addr.do_send(Assigned { id, runner: runner.node, result });
+            });
+        }
+
+        let live: HashSet<&NodeId> = self.runners.iter().map(|r| &r.node).collect();
+        for task in running {
+            let Some(owner) = task.status.runner.clone() else { continue };
+            if live.contains(&owner) || !self.rescuing.insert(task.id) {
+                continue;
+            }
+            let (store, fence, addr, id) = (self.config.store.clone(), fence.clone(), ctx.address(), task.id);
+            actix::spawn(async move {
+                rescue(&store, &fence, id, &owner).await;
+                addr.do_send(Rescued(id));
+            });
+        }
+    }
+
+    fn watch_runners(&self, ctx: &mut Context<Self>) {
+        let (store, addr, stop) = (self.config.store.clone(), ctx.address(), self.stop.clone());
+        actix::spawn(async move {
+            tokio::select! {
+                _ = follow_runners(store, addr) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
+    fn watch_mirror(&self, ctx: &mut Context<Self>) {
+        let (mut status, addr, stop) = (self.config.mirror.subscribe(), ctx.address(), self.stop.clone());
+        actix::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = status.changed() => if changed.is_err() { return },
+                    _ = stop.cancelled() => return,
+                }
+                if addr.try_send(Kick).is_err() && !addr.connected() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Puts a vanished runner's task back to pending, if nobody holds its claim.
+async fn rescue(store: &TaskStore, fence: &Fence, id: TaskId, owner: &NodeId) {
+    match store.claim_holder(&id).await {
+        Ok(None) => {}
+        Ok(Some(holder)) => {
+            debug!(task = %id, %holder, "task still claimed; not rescuing");
+            return;
+        }
+        Err(e) => {
+            debug!(task = %id, error = %e, "cannot check the task's claim");
+            return;
+        }
+    }
+    let result = store
+        .transition(&id, fence, |t| match (t.state(), t.status.runner.as_ref()) {
+            (TaskState::Running, Some(runner)) if runner == owner => Ok(Some((TaskState::Pending, Change::Plain))),
+            _ => Ok(None),
+        })
+        .await;
+    match result {
+        Ok(task) if task.state() == TaskState::Pending => {
+            info!(task = %id, runner = %owner, "runner vanished; task back to pending")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(task = %id, error = %e, "cannot put the task of a vanished runner back to pending"),
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Rescued(TaskId);
+
+/// Follows `/runners` and reports the live runners whenever they change.
+async fn follow_runners(store: TaskStore, addr: Addr<Dispatcher>) {
+    let coord = store.coordination().clone();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let listed = async {
+            let (names, watch) = coord.children_watch(layout::RUNNERS).await?;
+            let mut runners = Vec::new();
+            for name in names {
+                match coord.get(&crate::coord::join(layout::RUNNERS, &name)).await {
+                    Ok((data, _)) => match decode::<RunnerInfo>(&name, &data) {
+                        Ok(info) => runners.push(info),
+                        Err(e) => warn!(runner = %name, error = %e, "unreadable runner registration"),
+                    },
+                    Err(CoordError::NoNode { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok::<_, CoordError>((runners, watch))
+        };
+        match listed.await {
+            Ok((runners, watch)) => {
+                delay = Duration::from_millis(100);
+                if addr.send(RunnersChanged(runners)).await.is_err() {
+                    return;
+                }
+                if watch.await.kind == EventKind::SessionLost {
+                    let mut session = coord.subscribe();
+                    let _ = session.wait_for(|s| s.state == crate::coord::SessionState::Connected).await;
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot list runners; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Actor for Dispatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.config.mailbox_capacity);
+        self.watch_runners(ctx);
+        self.watch_mirror(ctx);
+        ctx.run_interval(self.config.sweep_interval, |act, ctx| act.kick(ctx));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.stop.cancel();
+    }
+}
+
+impl Handler<Leadership> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
+        match msg {
+            Leadership::Gained(fence) => {
+                self.term += 1;
+                let term = self.term;
+                info!(node = %self.config.node, term, "leading; reloading the task mirror before acting");
+                self.lead = Some(Lead { fence, term, ready: false });
+                self.in_flight.clear();
+                self.assigned.clear();
+                let (mirror, addr) = (self.config.mirror.clone(), ctx.address());
+                actix::spawn(async move {
+                    mirror.reload().await;
+                    addr.do_send(Ready(term));
+                });
+            }
+            Leadership::Lost => {
+                if self.lead.take().is_some() {
+                    info!(node = %self.config.node, "stopped dispatching");
+                }
+            }
+        }
+        self.publish();
+    }
+}
+
+impl Handler<Ready> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, Ready(term): Ready, ctx: &mut Context<Self>) {
+        if let Some(lead) = self.lead.as_mut().filter(|l| l.term == term) {
+            lead.ready = true;
+            info!(node = %self.config.node, term, "dispatcher ready");
+            self.publish();
+            self.kick(ctx);
+        }
+    }
+}
+
+impl Handler<Kick> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Kick, ctx: &mut Context<Self>) {
+        self.kick(ctx);
+    }
+}
+
+impl Handler<PassData> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, PassData { term, pending, running }: PassData, ctx: &mut Context<Self>) {
+        self.pass_scheduled = false;
+        if self.lead.as_ref().is_some_and(|l| l.term == term && l.ready) {
+            self.schedule(pending, running, ctx);
+        }
+    }
+}
+
+impl Handler<Assigned> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, Assigned { id, runner, result }: Assigned, ctx: &mut Context<Self>) {
+        self.in_flight.remove(&id);
+        match result {
+            Ok(()) => {
+                self.backoff.remove(&id);
+                self.assigned.insert(id, (runner, Instant::now()));
+            }
+            Err(e) => {
+                let failures = self.backoff.get(&id).map_or(0, |(_, n)| *n) + 1;
+                let delay = (ASSIGN_BACKOFF_MIN * 2u32.pow(failures.min(8))).min(ASSIGN_BACKOFF_MAX);
+                debug!(task = %id, %runner, error = %e, retry_in_ms = delay.as_millis() as u64, "assignment failed");
+                self.backoff.insert(id, (Instant::now() + delay, failures));
+                ctx.run_later(delay, |act, ctx| act.kick(ctx));
+            }
+        }
+    }
+}
+
+impl Handler<Rescued> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, Rescued(id): Rescued, ctx: &mut Context<Self>) {
+        self.rescuing.remove(&id);
+        self.kick(ctx);
+    }
+}
+
+impl Handler<RunnersChanged> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, RunnersChanged(runners): RunnersChanged, ctx: &mut Context<Self>) {
+        debug!(runners = runners.len(), "runners changed");
+        self.runners = Arc::new(runners);
+        self.kick(ctx);
+    }
+}
+
+impl Handler<Client> for Dispatcher {
+    type Result = ResponseFuture<Result<ClientReply, ApiError>>;
+
+    fn handle(&mut self, Client { request, forwarded }: Client, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(leader) = self.leader() {
+            let (addr, write) = (ctx.address(), request.is_write());
+            return Box::pin(async move {
+                let reply = leader.serve(request).await;
+                if write && reply.is_ok() {
+                    addr.do_send(Kick);
+                }
+                reply
+            });
+        }
+        if forwarded {
+            return Box::pin(async { Err(ApiError::NotLeader { leader: None }) });
+        }
+        let (store, transport) = (self.config.store.clone(), self.config.transport.clone());
+        let deadline = Instant::now() + self.config.request_timeout;
+        let call_timeout = self.config.call_timeout;
+        Box::pin(async move { forward(&store, transport.as_ref(), request, deadline, call_timeout).await })
+    }
+}

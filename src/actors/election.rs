@@ -1,0 +1,176 @@
+//! Leader election over the coordination service, without herd effect.
+//!
+//! Each node's candidate is an ephemeral-sequential node `/election/candidate-<token>-<seq>` that
+//! holds its [`LeaderInfo`]. The candidate with the lowest sequence leads; every other candidate
+//! watches only its immediate predecessor, so a leader's death wakes one node, not all of them
+//! (the recipe of Curator's `LeaderLatch`).
+//!
+//! The campaign tells the dispatcher [`Leadership::Gained`] with the candidate node as the fence
+//! for its writes, and [`Leadership::Lost`] at once when it can no longer confirm that it leads:
+//! the session is suspended (no connection), expired, or its candidate node is gone. After a
+//! reconnect within the same session it checks again and may regain leadership; after an expiry
+//! it enters a new candidate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::coord::{join, CoordError, Coordination, CreateMode, SessionState, SessionStatus};
+use crate::exec::StopToken;
+use crate::model::NodeId;
+use crate::store::{decode, encode, layout, Fence};
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a candidate publishes: who it is and where to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    /// The node.
+    pub node: NodeId,
+    /// Its transport address.
+    pub address: String,
+}
+
+/// A change of this node's leadership.
+#[derive(Message, Clone, Debug, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub enum Leadership {
+    /// This node leads; its writes are fenced on this candidate node.
+    Gained(Fence),
+    /// This node no longer leads, or cannot confirm it.
+    Lost,
+}
+
+/// The current leader, as the election says: the lowest candidate's info.
+pub async fn current_leader(coord: &dyn Coordination) -> Result<Option<LeaderInfo>, CoordError> {
+    let mut names = coord.children(layout::ELECTION).await?;
+    layout::sort_by_sequence(&mut names);
+    for name in names {
+        match coord.get(&join(layout::ELECTION, &name)).await {
+            Ok((data, _)) => return Ok(decode(&name, &data).ok()),
+            Err(CoordError::NoNode { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Runs this node's campaign until `stop` is cancelled; then withdraws the candidate.
+pub(crate) async fn campaign(coord: Arc<dyn Coordination>, me: LeaderInfo, to: Recipient<Leadership>, stop: StopToken) {
+    let mut campaign = Campaign { coord, me, to, session: None, leading: false, candidate: None };
+    tokio::select! {
+        _ = campaign.run() => {}
+        _ = stop.cancelled() => {}
+    }
+    campaign.tell(false, None);
+    if let Some(path) = campaign.candidate.take() {
+        // Resign: the next candidate's watch fires at once instead of after our session ends.
+        let _ = campaign.coord.delete(&path, None).await;
+    }
+}
+
+struct Campaign {
+    coord: Arc<dyn Coordination>,
+    me: LeaderInfo,
+    to: Recipient<Leadership>,
+    session: Option<watch::Receiver<SessionStatus>>,
+    leading: bool,
+    candidate: Option<String>,
+}
+
+impl Campaign {
+    async fn run(&mut self) {
+        let mut session = self.coord.subscribe();
+        self.session = Some(session.clone());
+        let mut delay = RETRY_MIN;
+        loop {
+            let Ok(status) = session.wait_for(|s| s.state == SessionState::Connected).await.map(|s| *s) else {
+                return;
+            };
+            match self.stand(status.generation).await {
+                Ok(()) => delay = RETRY_MIN,
+                Err(e) => {
+                    debug!(node = %self.me.node, error = %e, "election interrupted; standing again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+            if session.borrow().state == SessionState::Closed {
+                return;
+            }
+        }
+    }
+
+    /// Enters a candidate for this session generation and follows it until the session changes.
+    async fn stand(&mut self, generation: u64) -> Result<(), CoordError> {
+        let prefix = format!("{}/{}{}-", layout::ELECTION, layout::CANDIDATE_PREFIX, token());
+        let path = self.coord.create(&prefix, &encode(&self.me), CreateMode::EphemeralSequential).await?;
+        self.candidate = Some(path.clone());
+        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        let mut session = self.session.clone().expect("session receiver is set in run");
+        loop {
+            let status = *session.borrow_and_update();
+            if status.generation != generation || status.state != SessionState::Connected {
+                self.tell(false, None);
+                if status.generation != generation || status.state == SessionState::Closed {
+                    self.candidate = None;
+                    return Ok(());
+                }
+                // Suspended: wait for the connection to come back (or the session to end).
+                if session.changed().await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let mut names = self.coord.children(layout::ELECTION).await?;
+            layout::sort_by_sequence(&mut names);
+            let Some(position) = names.iter().position(|n| *n == name) else {
+                warn!(node = %self.me.node, "election candidate vanished; standing again");
+                self.tell(false, None);
+                self.candidate = None;
+                return Ok(());
+            };
+            // Watch ourselves when leading (to notice our node's loss), else our predecessor.
+            let watched = if position == 0 { path.clone() } else { join(layout::ELECTION, &names[position - 1]) };
+            let (exists, watch) = self.coord.exists_watch(&watched).await?;
+            if position == 0 {
+                self.tell(true, Some(&path));
+            } else if exists.is_some() {
+                self.tell(false, None);
+            } else {
+                continue;
+            }
+            tokio::select! {
+                _ = watch => {}
+                changed = session.changed() => if changed.is_err() { return Ok(()) },
+            }
+        }
+    }
+
+    fn tell(&mut self, leading: bool, fence: Option<&str>) {
+        if leading == self.leading {
+            return;
+        }
+        self.leading = leading;
+        let message = match fence {
+            Some(path) if leading => {
+                info!(node = %self.me.node, "won the election");
+                Leadership::Gained(Fence::new(path))
+            }
+            _ => {
+                info!(node = %self.me.node, "no longer leads");
+                Leadership::Lost
+            }
+        };
+        self.to.do_send(message);
+    }
+}
+
+fn token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}

@@ -1,0 +1,28 @@
+//! The actors of a task server: [`Dispatcher`], [`Runner`], [`TaskController`].
+//!
+//! ```text
+//!   host handle ──Client──▶ Dispatcher ──(follower: forward over transport)──▶ leader's Dispatcher
+//!                              │  Leadership ◀── election campaign (ZooKeeper)
+//!                              │  Assign / ControlChanged (over transport, even to itself)
+//!                              ▼
+//!                           Runner ──starts──▶ TaskController (one per task) ──▶ TaskRun steps
+//!                              ▲                      │ commits progress, fenced on its claim
+//!                              └──ControllerFinished──┘
+//! ```
+//!
+//! All actors of a node live on the node's own actix system thread (see [`crate::center`]); the
+//! host talks to them only through the handle. Every message is a typed message with its reply
+//! type; blocking work (LMDB, file I/O) runs on the blocking pool, never on the actor thread.
+//!
+//! This module decides; it writes to ZooKeeper only through [`crate::store`].
+
+pub mod controller;
+pub mod dispatcher;
+pub mod election;
+mod requests;
+pub mod runner;
+
+pub use controller::TaskController;
+pub use dispatcher::{Dispatcher, LeaderStatus};
+pub use election::{current_leader, LeaderInfo, Leadership};
+pub use runner::Runner;

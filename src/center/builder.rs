@@ -1,0 +1,245 @@
+//! `TaskCenter::builder()`: every setting of a node, with its default, validated before start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::clock::{Clock, SystemClock};
+use crate::coord::{EmbeddedServer, ZkConfig};
+use crate::exec::{SimulatedExecutor, TaskExecutor};
+use crate::model::NodeId;
+use crate::transport::{InProcessNetwork, Transport};
+
+use super::TaskCenter;
+
+/// Why a configuration was refused. Names the field and what was wrong; nothing was started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is missing.
+    #[error("{field} is required")]
+    Missing {
+        /// The builder method that sets it.
+        field: &'static str,
+    },
+    /// A setting has a value it cannot have.
+    #[error("invalid {field} {value:?}: {reason}")]
+    Invalid {
+        /// The builder method that sets it.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Which coordination service the node uses.
+#[derive(Clone)]
+pub enum CoordinationConfig {
+    /// A real ZooKeeper ensemble.
+    ZooKeeper(ZkConfig),
+    /// An in-process service; nodes of one process share it by sharing the server value.
+    Embedded(EmbeddedServer),
+}
+
+/// Builds a [`TaskCenter`]. Every setter documents its default; [`TaskCenterBuilder::build`]
+/// validates them all and names the first bad one.
+#[must_use]
+pub struct TaskCenterBuilder {
+    pub(super) node_id: Option<String>,
+    pub(super) listen: Option<String>,
+    pub(super) coordination: Option<CoordinationConfig>,
+    pub(super) data_dir: Option<PathBuf>,
+    pub(super) transport: Option<Arc<dyn Transport>>,
+    pub(super) executor: Option<Arc<dyn TaskExecutor>>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) tasks_per_runner: u32,
+    pub(super) mailbox_capacity: usize,
+    pub(super) sweep_interval_ms: u64,
+    pub(super) request_timeout_ms: u64,
+    pub(super) call_timeout_ms: u64,
+    pub(super) shutdown_timeout_ms: u64,
+}
+
+/// Default number of tasks one runner runs at once.
+pub const DEFAULT_TASKS_PER_RUNNER: u32 = 4;
+/// Default capacity of each actor's mailbox; senders wait when it is full.
+pub const DEFAULT_MAILBOX_CAPACITY: usize = 256;
+/// Default period of the dispatcher's scheduling sweep, which catches what events missed.
+pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 2_000;
+/// Default deadline for a request, including forwarding it across a leader change. Longer than a
+/// ZooKeeper session timeout, so that a request outlives a leader's death.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Default timeout of one call between nodes.
+pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 5_000;
+/// Default time a graceful shutdown waits for tasks to checkpoint before it drops them.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+
+impl Default for TaskCenterBuilder {
+    fn default() -> Self {
+        TaskCenterBuilder {
+            node_id: None,
+            listen: None,
+            coordination: None,
+            data_dir: None,
+            transport: None,
+            executor: None,
+            clock: Arc::new(SystemClock),
+            tasks_per_runner: DEFAULT_TASKS_PER_RUNNER,
+            mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
+            sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            call_timeout_ms: DEFAULT_CALL_TIMEOUT_MS,
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        }
+    }
+}
+
+impl TaskCenterBuilder {
+    /// This node's id (`[A-Za-z0-9._-]`, unique in the cluster). Required.
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = Some(node_id.into());
+        self
+    }
+
+    /// Where the transport listens: `host:port` for TCP (port 0 picks one), any unique name for
+    /// the in-process network. Default: the node id, which suits the in-process network; set it
+    /// for TCP.
+    pub fn listen(mut self, address: impl Into<String>) -> Self {
+        self.listen = Some(address.into());
+        self
+    }
+
+    /// Coordinate through a real ZooKeeper ensemble (connect string with chroot, session
+    /// timeout). Default: an embedded in-process service of this node alone.
+    pub fn zookeeper(mut self, config: ZkConfig) -> Self {
+        self.coordination = Some(CoordinationConfig::ZooKeeper(config));
+        self
+    }
+
+    /// Coordinate through an embedded in-process service shared with the other nodes of this
+    /// process. Default: a new embedded service of this node alone.
+    pub fn embedded(mut self, server: EmbeddedServer) -> Self {
+        self.coordination = Some(CoordinationConfig::Embedded(server));
+        self
+    }
+
+    /// Directory for the node's files (the LMDB task cache under `cache/`). Default: a directory
+    /// under the system's temporary directory named after the node and the process, which does
+    /// not survive a reboot: set it in production.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// How nodes call each other. Default: a new [`InProcessNetwork`] of this node alone; share
+    /// one network value between the nodes of one process, or use
+    /// [`TcpTransport`](crate::transport::TcpTransport) between processes.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// What does the tasks' work. Default: a [`SimulatedExecutor`] (ten short steps per task),
+    /// which moves tasks through their lives without touching any volume.
+    pub fn executor(mut self, executor: Arc<dyn TaskExecutor>) -> Self {
+        self.executor = Some(executor);
+        self
+    }
+
+    /// The clock for timestamps (and, later, run windows). Default: the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Tasks this node's runner runs at once, 1 to 1024. Default 4.
+    pub fn tasks_per_runner(mut self, tasks: u32) -> Self {
+        self.tasks_per_runner = tasks;
+        self
+    }
+
+    /// Capacity of each actor's mailbox, 16 to 65 536. Default 256.
+    pub fn mailbox_capacity(mut self, capacity: usize) -> Self {
+        self.mailbox_capacity = capacity;
+        self
+    }
+
+    /// Period of the dispatcher's scheduling sweep, at least 50 ms. Default 2 000 ms.
+    pub fn sweep_interval_ms(mut self, interval_ms: u64) -> Self {
+        self.sweep_interval_ms = interval_ms;
+        self
+    }
+
+    /// Deadline of a request, forwarding and leader changes included, at least 100 ms.
+    /// Default 30 000 ms.
+    pub fn request_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.request_timeout_ms = timeout_ms;
+        self
+    }
+
+    /// Timeout of one call between nodes, at least 10 ms and at most the request timeout.
+    /// Default 5 000 ms.
+    pub fn call_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.call_timeout_ms = timeout_ms;
+        self
+    }
+
+    /// How long a graceful shutdown waits for tasks to checkpoint. Default 30 000 ms.
+    pub fn shutdown_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.shutdown_timeout_ms = timeout_ms;
+        self
+    }
+
+    /// Validates every setting and returns the node, ready to [`start`](TaskCenter::start).
+    pub fn build(self) -> Result<TaskCenter, ConfigError> {
+        let node_id = self.node_id.clone().ok_or(ConfigError::Missing { field: "node_id" })?;
+        let node = NodeId::new(node_id.clone()).map_err(|e| invalid("node_id", &node_id, e.to_string()))?;
+        let range = |field: &'static str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(invalid(field, &value.to_string(), format!("must be {min} to {max}")))
+            }
+        };
+        range("tasks_per_runner", u64::from(self.tasks_per_runner), 1, 1024)?;
+        range("mailbox_capacity", self.mailbox_capacity as u64, 16, 65_536)?;
+        range("sweep_interval_ms", self.sweep_interval_ms, 50, 3_600_000)?;
+        range("request_timeout_ms", self.request_timeout_ms, 100, 3_600_000)?;
+        range("call_timeout_ms", self.call_timeout_ms, 10, self.request_timeout_ms)?;
+        range("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 3_600_000)?;
+        if let Some(CoordinationConfig::ZooKeeper(zk)) = &self.coordination {
+            if zk.connect.trim().is_empty() || zk.connect.starts_with('/') {
+                return Err(invalid("zookeeper", &zk.connect, "the connect string names no host".into()));
+            }
+            range("zookeeper session_timeout_ms", zk.session_timeout_ms, 1_000, 600_000)?;
+            range("zookeeper operation_timeout_ms", zk.operation_timeout_ms, 100, 600_000)?;
+        }
+        let listen = self.listen.clone().unwrap_or_else(|| node.to_string());
+        if listen.trim().is_empty() {
+            return Err(invalid("listen", &listen, "is empty".into()));
+        }
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("task-center").join(format!("{node}-{}", std::process::id())));
+        Ok(TaskCenter {
+            node,
+            listen,
+            coordination: self.coordination.unwrap_or_else(|| CoordinationConfig::Embedded(EmbeddedServer::new())),
+            data_dir,
+            transport: self.transport.unwrap_or_else(|| Arc::new(InProcessNetwork::new())),
+            executor: self.executor.unwrap_or_else(|| Arc::new(SimulatedExecutor::default())),
+            clock: self.clock,
+            tasks_per_runner: self.tasks_per_runner,
+            mailbox_capacity: self.mailbox_capacity,
+            sweep_interval_ms: self.sweep_interval_ms,
+            request_timeout_ms: self.request_timeout_ms,
+            call_timeout_ms: self.call_timeout_ms,
+            shutdown_timeout_ms: self.shutdown_timeout_ms,
+        })
+    }
+}
+
+fn invalid(field: &'static str, value: &str, reason: String) -> ConfigError {
+    ConfigError::Invalid { field, value: value.to_string(), reason }
+}

@@ -1,0 +1,125 @@
+//! Executors: what actually does a task's work, step by step.
+//!
+//! The task controller owns the life of a task run (claim, control, commits, state); an
+//! [`TaskExecutor`] owns the work. The controller calls [`TaskRun::step`] repeatedly and commits
+//! the progress after every step, so a step is the unit of resumption (for a copy: an extent).
+//! A step must stop early, at a safe point, when its [`StopToken`] is cancelled (for a copy:
+//! at the next block), and leave in `progress` only what is durable.
+//!
+//! The copy engine is the crate's real executor; [`SimulatedExecutor`] stands in for it in tests
+//! of the cluster's behaviour, where what matters is steps, stops and resumes, not bytes.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{Task, TaskProgress};
+
+pub use tokio_util::sync::CancellationToken as StopToken;
+
+/// Why a run or a step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecError {
+    /// A passing failure (a peer unreachable, a volume busy): the controller retries with backoff,
+    /// up to its limit, from the last committed progress.
+    #[error("temporary failure: {0}")]
+    Temporary(String),
+    /// A failure that retrying cannot cure (a volume missing, sizes that do not match): the task
+    /// fails with this reason.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// What a step achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// More work remains (the step may also have stopped early because the token was
+    /// cancelled).
+    More,
+    /// All work is done; [`TaskRun::finish`] comes next.
+    Done,
+}
+
+/// Starts runs of tasks. Shared by all controllers of a node.
+#[async_trait]
+pub trait TaskExecutor: Send + Sync + 'static {
+    /// Prepares a run of `task` resuming from `progress` (which it may update, for instance with
+    /// the source snapshot it chose: the controller commits it before the first step).
+    async fn start(&self, task: &Task, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, ExecError>;
+}
+
+/// One run of one task on one runner.
+#[async_trait]
+pub trait TaskRun: Send {
+    /// Does the next unit of work, stopping early at a safe point if `stop` is cancelled.
+    /// On return `progress` describes only what is durable.
+    async fn step(&mut self, progress: &mut TaskProgress, stop: &StopToken) -> Result<Step, ExecError>;
+
+    /// Completes the task after the last step (for a copy: flush, snapshot the target, record
+    /// the digest).
+    async fn finish(&mut self, progress: &mut TaskProgress) -> Result<(), ExecError> {
+        let _ = progress;
+        Ok(())
+    }
+}
+
+/// An executor that "works" for a fixed number of steps of fixed duration, advancing the cursor
+/// by one unit per step. For tests of scheduling, failover, pause and cancel.
+#[derive(Clone, Debug)]
+pub struct SimulatedExecutor {
+    steps: u64,
+    step_duration: Duration,
+    unit_bytes: u64,
+}
+
+impl SimulatedExecutor {
+    /// Tasks take `steps` steps of `step_duration` each; a step stands for `unit_bytes` bytes.
+    pub fn new(steps: u64, step_duration: Duration, unit_bytes: u64) -> Self {
+        SimulatedExecutor { steps, step_duration, unit_bytes }
+    }
+}
+
+impl Default for SimulatedExecutor {
+    /// Ten steps of 10 ms, of 1 MiB each.
+    fn default() -> Self {
+        SimulatedExecutor::new(10, Duration::from_millis(10), 1 << 20)
+    }
+}
+
+#[async_trait]
+impl TaskExecutor for SimulatedExecutor {
+    async fn start(&self, _task: &Task, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, ExecError> {
+        let total = self.steps * self.unit_bytes;
+        if progress.total_bytes.is_some_and(|t| t != total) {
+            return Err(ExecError::Permanent(format!(
+                "progress says {} bytes in all, this executor does {total}",
+                progress.total_bytes.unwrap_or_default()
+            )));
+        }
+        progress.total_bytes = Some(total);
+        Ok(Box::new(SimulatedRun { total, step_duration: self.step_duration, unit_bytes: self.unit_bytes }))
+    }
+}
+
+struct SimulatedRun {
+    total: u64,
+    step_duration: Duration,
+    unit_bytes: u64,
+}
+
+#[async_trait]
+impl TaskRun for SimulatedRun {
+    async fn step(&mut self, progress: &mut TaskProgress, stop: &StopToken) -> Result<Step, ExecError> {
+        if progress.cursor_bytes >= self.total {
+            return Ok(Step::Done);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(Step::More),
+            _ = tokio::time::sleep(self.step_duration) => {}
+        }
+        let unit = self.unit_bytes.min(self.total - progress.cursor_bytes);
+        progress.cursor_bytes += unit;
+        progress.counters.bytes_copied += unit;
+        Ok(if progress.cursor_bytes >= self.total { Step::Done } else { Step::More })
+    }
+}

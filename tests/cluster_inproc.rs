@@ -1,0 +1,181 @@
+//! A cluster of task servers in one process: embedded coordination, in-process transport,
+//! simulated executor. The fast proof of scheduling, forwarding, pause, cancel and failover;
+//! `tests/cluster.rs` proves the same against real ZooKeeper and separate processes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::tasks::{wait_state, wait_task};
+use task_center::api::ApiError;
+use task_center::clock::SystemClock;
+use task_center::coord::{Coordination, EmbeddedServer};
+use task_center::exec::SimulatedExecutor;
+use task_center::model::{CopyOptions, CopyVolumeSpec, DesiredState, TaskSpec, TaskState, VolumeId};
+use task_center::store::TaskStore;
+use task_center::transport::InProcessNetwork;
+use task_center::{TaskCenter, TaskCenterHandle};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn spec(n: usize) -> TaskSpec {
+    TaskSpec::CopyVolume(CopyVolumeSpec {
+        source_volume: VolumeId::new(format!("src-{n}")).unwrap(),
+        target_volume: VolumeId::new(format!("dst-{n}")).unwrap(),
+        source_hosts: vec!["198.51.100.1:10201".into()],
+        target_hosts: vec!["203.0.113.1:10201".into()],
+        base_snapshot: None,
+        options: CopyOptions::default(),
+    })
+}
+
+struct Cluster {
+    server: EmbeddedServer,
+    network: InProcessNetwork,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        common::init_tracing();
+        Cluster { server: EmbeddedServer::new(), network: InProcessNetwork::new(), dir: tempfile::tempdir().unwrap() }
+    }
+
+    async fn node(&self, name: &str, executor: SimulatedExecutor) -> TaskCenterHandle {
+        TaskCenter::builder()
+            .node_id(name)
+            .embedded(self.server.clone())
+            .transport(Arc::new(self.network.clone()))
+            .data_dir(self.dir.path().join(name))
+            .executor(Arc::new(executor))
+            .tasks_per_runner(2)
+            .sweep_interval_ms(200)
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap()
+    }
+
+    fn observer(&self) -> Arc<dyn Coordination> {
+        Arc::new(self.server.connect())
+    }
+}
+
+async fn wait_leader(nodes: &[&TaskCenterHandle]) -> usize {
+    let mut receivers: Vec<_> = nodes.iter().map(|n| n.leader_status()).collect();
+    common::step("a leader is ready", async {
+        loop {
+            if let Some(i) = receivers.iter_mut().position(|r| r.borrow_and_update().ready) {
+                return i;
+            }
+            let changes = receivers.iter_mut().map(|r| Box::pin(r.changed()));
+            let _ = futures::future::select_all(changes).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_created_on_a_follower_run_to_success_across_runners() {
+    let cluster = Cluster::new();
+    let sim = SimulatedExecutor::new(5, Duration::from_millis(20), 1 << 20);
+    let a = cluster.node("a", sim.clone()).await;
+    let b = cluster.node("b", sim.clone()).await;
+    let c = cluster.node("c", sim).await;
+    let nodes = [&a, &b, &c];
+    let leader = wait_leader(&nodes).await;
+    let follower = nodes[(leader + 1) % 3];
+    let observer = cluster.observer();
+    let store = TaskStore::new(observer.clone(), Arc::new(SystemClock));
+
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let task = follower.create(spec(n), None).await.unwrap();
+        assert_eq!(task.state(), TaskState::Pending);
+        ids.push(task.id);
+    }
+    let mut runners = std::collections::BTreeSet::new();
+    for id in &ids {
+        let status = wait_state(observer.as_ref(), *id, TaskState::Succeeded, WAIT).await;
+        runners.insert(status.runner.unwrap());
+        let task = store.get(id).await.unwrap();
+        assert_eq!(task.progress.cursor_bytes, 5 << 20, "every step committed");
+        assert_eq!(task.progress.counters.bytes_copied, 5 << 20);
+    }
+    assert!(runners.len() >= 2, "work spread over runners: {runners:?}");
+    let listed = follower.runners().await.unwrap();
+    assert_eq!(listed.len(), 3);
+    for node in [a, b, c] {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_cancel_answer_the_stored_task() {
+    let cluster = Cluster::new();
+    let slow = SimulatedExecutor::new(200, Duration::from_millis(20), 1 << 20);
+    let a = cluster.node("a", slow.clone()).await;
+    let b = cluster.node("b", slow).await;
+    wait_leader(&[&a, &b]).await;
+    let observer = cluster.observer();
+
+    let task = a.create(spec(1), None).await.unwrap();
+    wait_state(observer.as_ref(), task.id, TaskState::Running, WAIT).await;
+    let paused = b.pause(task.id).await.unwrap();
+    assert_eq!(paused.control.desired, DesiredState::Pause, "the answer carries the change");
+    let status = wait_state(observer.as_ref(), task.id, TaskState::Paused, WAIT).await;
+    assert!(status.runner.is_some());
+    let stopped_at = a.show(task.id).await.unwrap().progress.cursor_bytes;
+    assert!(stopped_at < 200 << 20, "paused before the end");
+
+    let resumed = a.resume(task.id).await.unwrap();
+    assert_eq!(resumed.control.desired, DesiredState::Run);
+    assert_eq!(resumed.state(), TaskState::Pending);
+    wait_task(observer.as_ref(), task.id, WAIT, |s| s.state == TaskState::Running && s.attempts == 2).await;
+    let canceled = b.cancel(task.id).await.unwrap();
+    assert_eq!(canceled.control.desired, DesiredState::Cancel);
+    wait_state(observer.as_ref(), task.id, TaskState::Canceled, WAIT).await;
+    let after = a.show(task.id).await.unwrap();
+    assert!(after.progress.cursor_bytes >= stopped_at, "resumed from its progress, never behind it");
+
+    match a.pause(task.id).await {
+        Err(ApiError::WrongState { state: TaskState::Canceled, .. }) => {}
+        other => panic!("pausing a canceled task: {other:?}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_an_aborted_runner_resume_elsewhere_from_their_progress() {
+    let cluster = Cluster::new();
+    let slow = SimulatedExecutor::new(100, Duration::from_millis(20), 1 << 20);
+    let a = cluster.node("a", slow.clone()).await;
+    let b = cluster.node("b", slow).await;
+    let leader = wait_leader(&[&a, &b]).await;
+    let (keep, victim) = if leader == 0 { (a, b) } else { (b, a) };
+    let observer = cluster.observer();
+
+    // Fill both runners, then kill the follower's runner.
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(keep.create(spec(n), None).await.unwrap().id);
+    }
+    for id in &ids {
+        wait_state(observer.as_ref(), *id, TaskState::Running, WAIT).await;
+    }
+    let held = victim.holding().await;
+    assert!(!held.is_empty(), "the victim runs something");
+    victim.abort().await;
+    for id in &held {
+        let status =
+            wait_task(observer.as_ref(), *id, WAIT, |s| s.state == TaskState::Running && s.attempts >= 2).await;
+        assert_eq!(status.runner.as_ref(), Some(keep.node_id()));
+    }
+    for id in &ids {
+        wait_state(observer.as_ref(), *id, TaskState::Succeeded, Duration::from_secs(60)).await;
+    }
+    keep.shutdown().await;
+}

@@ -1,0 +1,52 @@
+//! Waiting for tasks without polling: one-shot watches on their status records.
+
+use std::time::Duration;
+
+use task_center::coord::Coordination;
+use task_center::model::{TaskId, TaskState, TaskStatus};
+use task_center::store::layout;
+
+/// Waits until task `id`'s status record satisfies `pred`, watching the record (no polling), and
+/// returns it. Panics with the last status seen after `timeout`.
+pub async fn wait_task(
+    coord: &dyn Coordination,
+    id: TaskId,
+    timeout: Duration,
+    pred: impl Fn(&TaskStatus) -> bool,
+) -> TaskStatus {
+    let path = layout::status(&id);
+    let mut last = None;
+    let waited = tokio::time::timeout(timeout, async {
+        loop {
+            match coord.exists_watch(&path).await {
+                Ok((Some(_), watch)) => {
+                    let (data, _) = coord.get(&path).await.expect("read status");
+                    let status: TaskStatus = serde_json::from_slice(&data).expect("decode status");
+                    if pred(&status) {
+                        return status;
+                    }
+                    last = Some(status);
+                    watch.await;
+                }
+                Ok((None, watch)) => {
+                    watch.await;
+                }
+                Err(e) if e.is_transient() => {
+                    let mut session = coord.subscribe();
+                    let _ = session.changed().await;
+                }
+                Err(e) => panic!("cannot watch {path}: {e}"),
+            }
+        }
+    })
+    .await;
+    match waited {
+        Ok(status) => status,
+        Err(_) => panic!("task {id} did not reach the expected status within {timeout:?}; last {last:?}"),
+    }
+}
+
+/// Waits until task `id` is in `state`.
+pub async fn wait_state(coord: &dyn Coordination, id: TaskId, state: TaskState, timeout: Duration) -> TaskStatus {
+    wait_task(coord, id, timeout, |s| s.state == state).await
+}
