@@ -110,8 +110,11 @@ pub struct RunnerLoad {
 /// A request between nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequest {
-    /// A client request forwarded to the leader.
+    /// A client request from outside the cluster (`taskctl`, a host's other processes): a
+    /// follower forwards it to the leader.
     Client(ClientRequest),
+    /// A client request a follower forwarded: served by the leader, never forwarded again.
+    Forwarded(ClientRequest),
     /// The dispatcher asks a runner to claim and run a task.
     Assign {
         /// The task.
@@ -131,7 +134,7 @@ pub enum PeerRequest {
 #[allow(clippy::large_enum_variant)] // see ClientReply
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
-    /// Answer to [`PeerRequest::Client`].
+    /// Answer to [`PeerRequest::Client`] and [`PeerRequest::Forwarded`].
     Client(Result<ClientReply, ApiError>),
     /// Answer to [`PeerRequest::Assign`]: `Ok` once the runner holds the task's claim.
     Assign(Result<(), ApiError>),

@@ -62,6 +62,25 @@ impl Handle {
         }
     }
 
+    /// Breaks the handle's connection without ending its session (embedded: `suspend()`;
+    /// ZooKeeper: the proxy drops the connection). Needs a handle from `connect_flaky()`.
+    fn disconnect(&self) {
+        match &self.faults {
+            Faults::Embedded(coord) => coord.suspend(),
+            Faults::Zk { proxy: Some(proxy) } => proxy.block(),
+            Faults::Zk { proxy: None } => panic!("this handle was not connected with connect_flaky()"),
+        }
+    }
+
+    /// Ends a [`Handle::disconnect`].
+    fn restore(&self) {
+        match &self.faults {
+            Faults::Embedded(coord) => coord.resume(),
+            Faults::Zk { proxy: Some(proxy) } => proxy.unblock(),
+            Faults::Zk { proxy: None } => panic!("this handle was not connected with connect_flaky()"),
+        }
+    }
+
     /// Lets a handle cut off by [`Handle::cut_off`] reach the service again.
     fn reconnect(&self) {
         if let Faults::Zk { proxy: Some(proxy) } = &self.faults {
@@ -76,6 +95,8 @@ trait Backend {
     async fn connect(&self) -> Handle;
     /// A new handle whose session [`Handle::cut_off`] can end.
     async fn connect_expirable(&self) -> Handle;
+    /// A new handle whose connection [`Handle::disconnect`] can break while its session lives.
+    async fn connect_flaky(&self) -> Handle;
 }
 
 struct Embedded {
@@ -96,6 +117,10 @@ impl Backend for Embedded {
     }
 
     async fn connect_expirable(&self) -> Handle {
+        self.connect().await
+    }
+
+    async fn connect_flaky(&self) -> Handle {
         self.connect().await
     }
 }
@@ -133,6 +158,14 @@ impl Backend for Zookeeper {
         let coord = zk_connect(config).await;
         Handle { coord: Arc::new(coord), faults: Faults::Zk { proxy: Some(proxy) } }
     }
+
+    async fn connect_flaky(&self) -> Handle {
+        let proxy = Proxy::start(self.server.port());
+        let mut config = ZkConfig::new(proxy.connect_string(&self.chroot));
+        config.session_timeout_ms = 20_000;
+        let coord = zk_connect(config).await;
+        Handle { coord: Arc::new(coord), faults: Faults::Zk { proxy: Some(proxy) } }
+    }
 }
 
 /// Instantiates each case for both backends.
@@ -163,6 +196,8 @@ conformance! {
     watches_fire_once => embedded_watches_fire_once, zookeeper_watches_fire_once;
     watches_see_other_sessions => embedded_watches_see_other_sessions, zookeeper_watches_see_other_sessions;
     tree_watch_in_order => embedded_tree_watch_in_order, zookeeper_tree_watch_in_order;
+    tree_watch_survives_a_reconnect => embedded_tree_watch_survives_a_reconnect,
+        zookeeper_tree_watch_survives_a_reconnect;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,6 +695,41 @@ async fn tree_watch_in_order(backend: impl Backend) {
     // Nothing else was queued: the next event is the one for the next write.
     ok("create /t again", other.create("/t", b"", persistent()).await);
     assert_eq!(next_event("tree event after", &mut tree).await, event(EventKind::Created, "/t"));
+}
+
+/// A connection lost and restored within the session: the tree watch says `Resync` (events may
+/// have been missed) and then goes on delivering events of the same session.
+async fn tree_watch_survives_a_reconnect(backend: impl Backend) {
+    let c = backend.connect_flaky().await;
+    let other = backend.connect().await;
+    let mut tree = ok("watch_tree /t", c.watch_tree("/t").await);
+    ok("create /t", other.create("/t", b"", persistent()).await);
+    assert_eq!(next_event("before", &mut tree).await, event(EventKind::Created, "/t"));
+    let mut status = c.subscribe();
+    let generation = c.status().generation;
+
+    c.disconnect();
+    wait_status(&mut status, Duration::from_secs(20), |s| s.state == SessionState::Suspended).await;
+    ok("create /t/missed while cut off", other.create("/t/missed", b"", persistent()).await);
+    c.restore();
+    wait_status(&mut status, Duration::from_secs(20), |s| s.state == SessionState::Connected).await;
+    assert_eq!(c.status().generation, generation, "the same session");
+
+    // Whatever the reconnect delivers, a Resync is among it before the next live event.
+    let mut resynced = false;
+    ok("create /t/after", other.create("/t/after", b"", persistent()).await);
+    loop {
+        let got = next_event("after the reconnect", &mut tree).await;
+        match got.kind {
+            EventKind::Resync => resynced = true,
+            EventKind::Created if got.path == "/t/after" => break,
+            EventKind::Created if got.path == "/t/missed" => {}
+            _ => panic!("unexpected event {got:?}"),
+        }
+    }
+    assert!(resynced, "a reconnect is announced as Resync");
+    ok("set /t/after", other.set("/t/after", b"x", None).await);
+    assert_eq!(next_event("still following", &mut tree).await, event(EventKind::DataChanged, "/t/after"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ impl RequestHandler for Echo {
                 PeerReply::Client(Err(ApiError::Unavailable(format!("list of {}", filter.limit))))
             }
             PeerRequest::Client(other) => PeerReply::Client(Err(ApiError::Internal(format!("{other:?}")))),
+            PeerRequest::Forwarded(other) => {
+                PeerReply::Client(Err(ApiError::NotLeader { leader: Some(format!("{other:?}")) }))
+            }
             PeerRequest::Assign { id } => PeerReply::Assign(Err(ApiError::Refused(id.to_string()))),
             PeerRequest::ControlChanged { .. } => PeerReply::Ack,
         }
@@ -127,6 +130,10 @@ fn each_request() -> Vec<(PeerRequest, PeerReply)> {
                 "{:?}",
                 ClientRequest::Create { id, spec: copy_spec(2), run_window: None }
             )))),
+        ),
+        (
+            PeerRequest::Forwarded(ClientRequest::Cancel { id }),
+            PeerReply::Client(Err(ApiError::NotLeader { leader: Some(format!("{:?}", ClientRequest::Cancel { id })) })),
         ),
         (PeerRequest::Assign { id }, PeerReply::Assign(Err(ApiError::Refused(id.to_string())))),
         (PeerRequest::ControlChanged { id }, PeerReply::Ack),
@@ -572,6 +579,7 @@ mod wire {
         Request(Frame<PeerRequest>),
     }
 
+    #[allow(clippy::large_enum_variant)]
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     pub enum ServerMessage {
         Challenge { server_nonce: [u8; 32], server_proof: [u8; 32] },

@@ -225,7 +225,7 @@ pub(crate) async fn forward(
         match current_leader(store.coordination().as_ref()).await {
             Ok(Some(leader)) => {
                 let timeout = call_timeout.min(deadline.saturating_duration_since(Instant::now()));
-                match transport.call(&leader.address, PeerRequest::Client(request.clone()), timeout).await {
+                match transport.call(&leader.address, PeerRequest::Forwarded(request.clone()), timeout).await {
                     Ok(PeerReply::Client(Err(e))) if e.is_transient() => last = e,
                     Ok(PeerReply::Client(result)) => return result,
                     Ok(other) => return Err(ApiError::Internal(format!("leader answered {other:?}"))),

@@ -36,7 +36,8 @@ type Index = Database<'static, Bytes, Unit>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CacheChange {
     /// Insert or update a task. Each of its records is kept at the higher of the stored and the
-    /// given version, so an older read that lands late cannot undo a newer one.
+    /// given version, so an older read that lands late cannot undo a newer one; a task of a newer
+    /// incarnation (deleted and created again) replaces the older one whole.
     Upsert(Task),
     /// The task no longer exists.
     Remove(TaskId),
@@ -149,6 +150,18 @@ impl TaskCache {
     fn upsert(&self, wtxn: &mut RwTxn<'_>, task: &Task) -> Result<(), CacheError> {
         let mut merged = task.clone();
         if let Some(old) = self.get_in(wtxn, &task.id)? {
+            let (old_life, new_life) = (old.versions.incarnation, merged.versions.incarnation);
+            let known = old_life != 0 && new_life != 0;
+            if known && old_life > new_life {
+                return Ok(());
+            }
+            if known && old_life < new_life {
+                self.unindex(wtxn, &old)?;
+                return self.put(wtxn, &merged);
+            }
+            if new_life == 0 {
+                merged.versions.incarnation = old_life;
+            }
             if old.versions.control > merged.versions.control {
                 (merged.control, merged.versions.control) = (old.control.clone(), old.versions.control);
             }
@@ -163,7 +176,11 @@ impl TaskCache {
             }
             self.unindex(wtxn, &old)?;
         }
-        let value = serde_json::to_vec(&merged).expect("tasks serialize to JSON");
+        self.put(wtxn, &merged)
+    }
+
+    fn put(&self, wtxn: &mut RwTxn<'_>, merged: &Task) -> Result<(), CacheError> {
+        let value = serde_json::to_vec(merged).expect("tasks serialize to JSON");
         self.tasks.put(wtxn, merged.id.as_bytes(), &value).map_err(|e| self.err(e))?;
         let created = merged.control.created_at_ms;
         self.by_state.put(wtxn, &state_key(merged.state(), created, &merged.id), &()).map_err(|e| self.err(e))?;

@@ -167,7 +167,7 @@ impl RequestHandler for NodeHandler {
     async fn handle(&self, request: PeerRequest) -> PeerReply {
         let Some((dispatcher, runner)) = self.actors.get() else {
             return match request {
-                PeerRequest::Client(_) => PeerReply::Client(Err(ApiError::ShuttingDown)),
+                PeerRequest::Client(_) | PeerRequest::Forwarded(_) => PeerReply::Client(Err(ApiError::ShuttingDown)),
                 PeerRequest::Assign { .. } => PeerReply::Assign(Err(ApiError::ShuttingDown)),
                 PeerRequest::ControlChanged { .. } => PeerReply::Ack,
                 PeerRequest::Ping => PeerReply::Pong { node: self.node.clone() },
@@ -175,6 +175,9 @@ impl RequestHandler for NodeHandler {
         };
         match request {
             PeerRequest::Client(request) => PeerReply::Client(
+                dispatcher.send(Client { request, forwarded: false }).await.unwrap_or(Err(ApiError::ShuttingDown)),
+            ),
+            PeerRequest::Forwarded(request) => PeerReply::Client(
                 dispatcher.send(Client { request, forwarded: true }).await.unwrap_or(Err(ApiError::ShuttingDown)),
             ),
             PeerRequest::Assign { id } => {

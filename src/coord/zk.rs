@@ -137,6 +137,10 @@ impl ZkCoordination {
         }
     }
 
+    async fn add_tree_watch(&self, path: &str) -> Result<zk::PersistentWatcher> {
+        self.call(path, |c| async move { c.watch(path, zk::AddWatchMode::PersistentRecursive).await }).await
+    }
+
     fn map_err(&self, e: zk::Error, path: &str) -> CoordError {
         if matches!(e, zk::Error::ClientClosed) && self.client().is_err() {
             return CoordError::Closed;
@@ -418,10 +422,12 @@ impl super::Coordination for ZkCoordination {
     }
 
     async fn watch_tree(&self, path: &str) -> Result<TreeWatch> {
-        let watcher =
-            self.call(path, |c| async move { c.watch(path, zk::AddWatchMode::PersistentRecursive).await }).await?;
+        let watcher = self.add_tree_watch(path).await?;
         // `PersistentWatcher::changed` panics if polled after a terminal session event, so the
-        // stream ends right after it yields `SessionLost`.
+        // stream ends right after it yields `SessionLost`. A reconnect within the session keeps
+        // the watch (the client re-registers it; see vendor/zookeeper-client/PATCHED.md) and is
+        // reported as `Resync`, because events during the disconnection may be lost
+        // (ZOOKEEPER-4698).
         let stream = futures::stream::unfold(Some(watcher), |watcher| async move {
             let mut watcher = watcher?;
             loop {

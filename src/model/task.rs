@@ -243,6 +243,11 @@ pub struct TaskProgress {
 /// Versions of a task's three records, as read; used for compare-and-set writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordVersions {
+    /// Which incarnation of the task the versions count in: the transaction id that created its
+    /// control record (0 when not known, as in the answer to a create). A task deleted and created
+    /// again under the same id starts its versions from 0 in a new incarnation.
+    #[serde(default)]
+    pub incarnation: i64,
     /// Version of the control record.
     pub control: i32,
     /// Version of the status record.

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tracing::debug;
 
 use crate::clock::Clock;
-use crate::coord::{ensure_path, CoordError, Coordination, CreateMode, Op, OpResult, Version};
+use crate::coord::{ensure_path, CoordError, Coordination, CreateMode, Op, OpResult, Stat, Version};
 use crate::model::{
     Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState, TaskStatus,
 };
@@ -142,7 +142,16 @@ impl TaskStore {
             persistent(layout::locks(&id), Vec::new()),
         ];
         match self.coord.multi(ops).await {
-            Ok(_) => Ok(Task { id, control, status, progress, versions: RecordVersions::default() }),
+            Ok(_) => {
+                // The answer carries the incarnation, like every later read of the task. Should
+                // this read fail, the answer says 0 ("unknown"), which readers accept.
+                let incarnation = match self.coord.exists(&layout::task(&id)).await {
+                    Ok(Some(stat)) => stat.czxid,
+                    _ => 0,
+                };
+                let versions = RecordVersions { incarnation, ..RecordVersions::default() };
+                Ok(Task { id, control, status, progress, versions })
+            }
             Err(e) => {
                 let e = fence_error(e, fence)?;
                 if !matches!(e.root(), CoordError::NodeExists { .. }) {
@@ -162,18 +171,23 @@ impl TaskStore {
     pub async fn get(&self, id: &TaskId) -> Result<Task> {
         let paths = (layout::task(id), layout::status(id), layout::progress(id));
         let (control, status, progress) = tokio::join!(
-            self.read::<TaskControl>(&paths.0),
-            self.read::<TaskStatus>(&paths.1),
-            self.read::<TaskProgress>(&paths.2),
+            self.read_stat::<TaskControl>(&paths.0),
+            self.read_stat::<TaskStatus>(&paths.1),
+            self.read_stat::<TaskProgress>(&paths.2),
         );
         let not_found = |e: StoreError| match e {
             StoreError::Coord(CoordError::NoNode { .. }) => StoreError::NotFound { id: *id },
             other => other,
         };
-        let (control, control_version) = control.map_err(not_found)?;
-        let (status, status_version) = status.map_err(not_found)?;
-        let (progress, progress_version) = progress.map_err(not_found)?;
-        let versions = RecordVersions { control: control_version, status: status_version, progress: progress_version };
+        let (control, control_stat) = control.map_err(not_found)?;
+        let (status, status_stat) = status.map_err(not_found)?;
+        let (progress, progress_stat) = progress.map_err(not_found)?;
+        let versions = RecordVersions {
+            incarnation: control_stat.czxid,
+            control: control_stat.version,
+            status: status_stat.version,
+            progress: progress_stat.version,
+        };
         Ok(Task { id: *id, control, status, progress, versions })
     }
 
@@ -405,8 +419,13 @@ impl TaskStore {
     }
 
     async fn read<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Version)> {
+        let (value, stat) = self.read_stat(path).await?;
+        Ok((value, stat.version))
+    }
+
+    async fn read_stat<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Stat)> {
         let (data, stat) = self.coord.get(path).await?;
-        Ok((decode(path, &data)?, stat.version))
+        Ok((decode(path, &data)?, stat))
     }
 }
 

@@ -229,7 +229,7 @@ impl Transport for InProcessNetwork {
 }
 
 /// A duration in whole milliseconds, saturating.
-pub(super) fn millis(duration: Duration) -> u64 {
+fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 

@@ -28,7 +28,7 @@ mod inproc;
 mod tcp;
 
 pub use inproc::InProcessNetwork;
-pub use tcp::{TcpConfig, TcpTransport};
+pub use tcp::{TcpConfig, TcpConfigError, TcpTransport};
 
 /// Serves the requests that reach a node.
 #[async_trait]

@@ -69,10 +69,7 @@ mod config;
 mod server;
 mod wire;
 
-pub use config::TcpConfig;
-// Returned by `TcpTransport::new`; to be re-exported by `transport` next to `TcpConfig`.
-#[allow(unreachable_pub)]
-pub use config::TcpConfigError;
+pub use config::{TcpConfig, TcpConfigError};
 
 /// What the client and server sides share: the settings and the key derived from the secret.
 struct Settings {
@@ -162,6 +159,11 @@ impl Transport for TcpTransport {
         }
         self.inner.dialer.call(address, request, timeout).await
     }
+}
+
+/// A duration in whole milliseconds, saturating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The writer of a connection: sends queued frames, batching those already waiting into one

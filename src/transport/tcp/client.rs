@@ -34,9 +34,8 @@ use tracing::{debug, warn};
 
 use super::auth::{self, HandshakeError};
 use super::wire::{self, ClientMessage, Failure, Frame, ServerMessage, WireError};
-use super::{write_frames, Settings};
+use super::{millis, write_frames, Settings};
 use crate::api::{PeerReply, PeerRequest};
-use crate::transport::inproc::millis;
 use crate::transport::TransportError;
 
 type Attempt = Shared<BoxFuture<'static, Result<Arc<Connection>, TransportError>>>;
@@ -55,7 +54,8 @@ impl Dialer {
         Dialer { settings, peers: Mutex::new(HashMap::new()), closed }
     }
 
-    /// Sends `request` to `address` and waits for the reply until `deadline`.
+    /// Sends `request` to `address` and waits for the reply at most `timeout`, connecting first
+    /// if needed.
     pub(super) async fn call(&self, address: &str, request: PeerRequest, timeout: Duration) -> Reply {
         let deadline = Instant::now() + timeout;
         let timed_out = || TransportError::Timeout { address: address.to_string(), timeout_ms: millis(timeout) };
