@@ -202,6 +202,10 @@ impl Follower {
             self.set_synced(false);
             match self.follow().await {
                 Ok(()) => delay = RETRY_BACKOFF_MIN,
+                Err(StoreError::Coord(CoordError::Closed)) => {
+                    debug!("coordination handle closed; the task mirror stops following");
+                    return;
+                }
                 Err(e) => {
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "task mirror lost ZooKeeper; retrying");
                     tokio::time::sleep(delay).await;

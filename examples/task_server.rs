@@ -1,0 +1,154 @@
+//! A task-server node daemon: one per machine, coordinated through ZooKeeper, reachable over TCP.
+//!
+//! ```text
+//! cargo run --example task_server -- --node-id n1 --zookeeper 127.0.0.1:2181/task-center \
+//!     --listen 127.0.0.1:7401 --data-dir /var/lib/task-center/n1 --secret-file /etc/task-center/secret
+//! ```
+//!
+//! Every flag can also come from a TOML file (`--config node.toml`, keys as the long flags with
+//! `_` for `-`); flags win over the file. It prints `listening on ADDR` once it serves, stops
+//! gracefully on SIGTERM or Ctrl-C (running tasks checkpoint and go back to pending), and exits
+//! non-zero with one line naming the problem if it cannot start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use task_center::coord::ZkConfig;
+use task_center::exec::SimulatedExecutor;
+use task_center::transport::{TcpConfig, TcpTransport};
+use task_center::TaskCenter;
+
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(about = "A task-center node: runs tasks, takes part in the election, serves requests over TCP")]
+#[serde(default, deny_unknown_fields)]
+struct Args {
+    /// TOML file with any of these settings.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This node's id, unique in the cluster.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// ZooKeeper connect string with chroot, e.g. `zk1:2181,zk2:2181/task-center/prod`.
+    #[arg(long)]
+    zookeeper: Option<String>,
+    /// ZooKeeper session timeout.
+    #[arg(long)]
+    session_timeout_ms: Option<u64>,
+    /// TCP address to listen on (`host:port`; port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory for the node's files (the LMDB cache).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The cluster secret (at least 16 bytes). Prefer --secret-file or TASK_CENTER_SECRET.
+    #[arg(long, env = "TASK_CENTER_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// File holding the cluster secret.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Tasks this node runs at once.
+    #[arg(long)]
+    tasks_per_runner: Option<u32>,
+    /// Period of the leader's scheduling sweep.
+    #[arg(long)]
+    sweep_interval_ms: Option<u64>,
+    /// Simulated work: steps per task (the copy engine replaces this).
+    #[arg(long)]
+    sim_steps: Option<u64>,
+    /// Simulated work: duration of one step.
+    #[arg(long)]
+    sim_step_ms: Option<u64>,
+}
+
+impl Args {
+    /// Flags over file values.
+    fn merged(self) -> Result<Args, String> {
+        let Some(path) = &self.config else { return Ok(self) };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file: Args = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Args {
+            config: self.config,
+            node_id: self.node_id.or(file.node_id),
+            zookeeper: self.zookeeper.or(file.zookeeper),
+            session_timeout_ms: self.session_timeout_ms.or(file.session_timeout_ms),
+            listen: self.listen.or(file.listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            secret: self.secret.or(file.secret),
+            secret_file: self.secret_file.or(file.secret_file),
+            tasks_per_runner: self.tasks_per_runner.or(file.tasks_per_runner),
+            sweep_interval_ms: self.sweep_interval_ms.or(file.sweep_interval_ms),
+            sim_steps: self.sim_steps.or(file.sim_steps),
+            sim_step_ms: self.sim_step_ms.or(file.sim_step_ms),
+        })
+    }
+
+    fn secret(&self) -> Result<Vec<u8>, String> {
+        match (&self.secret, &self.secret_file) {
+            (Some(secret), _) => Ok(secret.clone().into_bytes()),
+            (None, Some(path)) => std::fs::read(path)
+                .map(|bytes| bytes.trim_ascii().to_vec())
+                .map_err(|e| format!("cannot read the secret file {}: {e}", path.display())),
+            (None, None) => Err("a cluster secret is required: --secret-file, --secret or TASK_CENTER_SECRET".into()),
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let args = args.merged()?;
+    let node_id = args.node_id.clone().ok_or("--node-id is required")?;
+    let zookeeper = args.zookeeper.clone().ok_or("--zookeeper is required")?;
+    let transport = TcpTransport::new(TcpConfig::new(args.secret()?)).map_err(|e| e.to_string())?;
+    let mut zk = ZkConfig::new(zookeeper);
+    if let Some(timeout) = args.session_timeout_ms {
+        zk.session_timeout_ms = timeout;
+    }
+    let mut builder = TaskCenter::builder()
+        .node_id(node_id)
+        .zookeeper(zk)
+        .listen(args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into()))
+        .transport(Arc::new(transport));
+    if let Some(dir) = args.data_dir {
+        builder = builder.data_dir(dir);
+    }
+    if let Some(tasks) = args.tasks_per_runner {
+        builder = builder.tasks_per_runner(tasks);
+    }
+    if let Some(interval) = args.sweep_interval_ms {
+        builder = builder.sweep_interval_ms(interval);
+    }
+    let steps = args.sim_steps.unwrap_or(10);
+    let step = Duration::from_millis(args.sim_step_ms.unwrap_or(100));
+    builder = builder.executor(Arc::new(SimulatedExecutor::new(steps, step, 1 << 20)));
+
+    let node = builder.build().map_err(|e| e.to_string())?.start().await.map_err(|e| e.to_string())?;
+    println!("listening on {}", node.address());
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("stopping: running tasks checkpoint and go back to pending");
+    node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("task_server: {e}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,366 @@
+//! `taskctl`: the operator's command line. Talks to any node of a cluster over TCP; followers
+//! forward to the leader.
+//!
+//! ```text
+//! taskctl --node 127.0.0.1:7401 task create --source-volume vol-a --target-volume vol-b \
+//!     --source-hosts 198.51.100.1:10201 --target-hosts 203.0.113.1:10201 --run-window 01:00-05:00
+//! taskctl --node 127.0.0.1:7401 task list --state running
+//! taskctl --node 127.0.0.1:7401 task set-runtime 0190b6d2-... 01:00 05:00
+//! taskctl --node 127.0.0.1:7401 --json runners
+//! ```
+//!
+//! Output is an aligned table for people, or JSON with `--json` for scripts. Errors go to stderr
+//! as one line, with exit status 1 for a refused request and 2 for bad usage or no connection.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use task_center::api::{ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad};
+use task_center::model::{
+    CopyOptions, CopyVolumeSpec, RunWindow, SnapshotId, Task, TaskId, TaskSpec, TaskState, TimeOfDay, VolumeId,
+};
+use task_center::transport::{TcpConfig, TcpTransport, Transport};
+
+#[derive(Parser)]
+#[command(about = "Operate a task-center cluster")]
+struct Cli {
+    /// Address of any node (`host:port`).
+    #[arg(long, env = "TASK_CENTER_NODE")]
+    node: String,
+    /// The cluster secret. Prefer TASK_CENTER_SECRET or --secret-file.
+    #[arg(long, env = "TASK_CENTER_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// File holding the cluster secret.
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this long (the cluster may be electing a leader).
+    #[arg(long, default_value_t = 35_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// The live runners and their loads.
+    Runners,
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Create a copy-volume task.
+    Create {
+        #[arg(long)]
+        source_volume: String,
+        #[arg(long)]
+        target_volume: String,
+        /// Comma-separated endpoints of the source block service.
+        #[arg(long, value_delimiter = ',')]
+        source_hosts: Vec<String>,
+        /// Comma-separated endpoints of the target block service.
+        #[arg(long, value_delimiter = ',')]
+        target_hosts: Vec<String>,
+        /// Copy only what differs from this snapshot, which the target already holds.
+        #[arg(long)]
+        base_snapshot: Option<String>,
+        /// Daily run window, `HH:MM-HH:MM` in the cluster's time zone.
+        #[arg(long)]
+        run_window: Option<String>,
+        /// Use this id (a retry with the same id is not duplicated).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// One task.
+    Show { id: String },
+    /// Tasks, oldest first.
+    List {
+        /// pending, running, paused, succeeded, failed or canceled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Created at or after, Unix milliseconds.
+        #[arg(long)]
+        from_ms: Option<i64>,
+        /// Created before, Unix milliseconds.
+        #[arg(long)]
+        to_ms: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Stop a task for good.
+    Cancel { id: String },
+    /// Stop a task at its next block, keeping its progress.
+    Pause { id: String },
+    /// Let a paused task run again.
+    Resume { id: String },
+    /// Set a task's run window (`set-runtime ID 01:00 05:00`) or clear it (`--clear`).
+    SetRuntime {
+        id: String,
+        start: Option<String>,
+        end: Option<String>,
+        #[arg(long, conflicts_with_all = ["start", "end"])]
+        clear: bool,
+    },
+}
+
+/// A failure and its exit status.
+struct Failure(i32, String);
+
+impl From<task_center::model::ModelError> for Failure {
+    fn from(e: task_center::model::ModelError) -> Self {
+        Failure(2, e.to_string())
+    }
+}
+
+fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
+    let id = |s: &str| s.parse::<TaskId>();
+    Ok(match command {
+        TaskCommand::Create {
+            source_volume,
+            target_volume,
+            source_hosts,
+            target_hosts,
+            base_snapshot,
+            run_window,
+            id: given,
+        } => {
+            let spec = TaskSpec::CopyVolume(CopyVolumeSpec {
+                source_volume: VolumeId::new(source_volume)?,
+                target_volume: VolumeId::new(target_volume)?,
+                source_hosts,
+                target_hosts,
+                base_snapshot: base_snapshot.map(SnapshotId::new).transpose()?,
+                options: CopyOptions::default(),
+            });
+            spec.validate()?;
+            let run_window = run_window.map(|w| w.parse::<RunWindow>()).transpose()?;
+            let id = match given {
+                Some(given) => id(&given)?,
+                None => TaskId::generate(),
+            };
+            ClientRequest::Create { id, spec, run_window }
+        }
+        TaskCommand::Show { id: s } => ClientRequest::Show { id: id(&s)? },
+        TaskCommand::List { state, from_ms, to_ms, limit } => ClientRequest::List(ListFilter {
+            state: state.map(|s| s.parse::<TaskState>()).transpose()?,
+            created_from_ms: from_ms,
+            created_to_ms: to_ms,
+            limit,
+        }),
+        TaskCommand::Cancel { id: s } => ClientRequest::Cancel { id: id(&s)? },
+        TaskCommand::Pause { id: s } => ClientRequest::Pause { id: id(&s)? },
+        TaskCommand::Resume { id: s } => ClientRequest::Resume { id: id(&s)? },
+        TaskCommand::SetRuntime { id: s, start, end, clear } => {
+            let run_window = match (start, end, clear) {
+                (_, _, true) => None,
+                (Some(start), Some(end), false) => {
+                    Some(RunWindow::new(start.parse::<TimeOfDay>()?, end.parse::<TimeOfDay>()?)?)
+                }
+                _ => return Err(Failure(2, "set-runtime needs START and END (HH:MM HH:MM), or --clear".into())),
+            };
+            ClientRequest::SetRunWindow { id: id(&s)?, run_window }
+        }
+    })
+}
+
+async fn run(cli: Cli) -> Result<String, Failure> {
+    let secret = match (&cli.secret, &cli.secret_file) {
+        (Some(secret), _) => secret.clone().into_bytes(),
+        (None, Some(path)) => std::fs::read(path)
+            .map(|b| b.trim_ascii().to_vec())
+            .map_err(|e| Failure(2, format!("cannot read {}: {e}", path.display())))?,
+        (None, None) => {
+            return Err(Failure(2, "a cluster secret is required: TASK_CENTER_SECRET or --secret-file".into()))
+        }
+    };
+    let request = match cli.command {
+        Command::Task(command) => request_of(command)?,
+        Command::Runners => ClientRequest::ListRunners,
+    };
+    let transport = TcpTransport::new(TcpConfig::new(secret)).map_err(|e| Failure(2, e.to_string()))?;
+    let reply = call(&transport, &cli.node, request, Duration::from_millis(cli.timeout_ms)).await?;
+    Ok(if cli.json { json(&reply) } else { table(&reply) })
+}
+
+/// Sends the request, retrying while the cluster says "try again" (electing a leader).
+async fn call(
+    transport: &TcpTransport,
+    node: &str,
+    request: ClientRequest,
+    timeout: Duration,
+) -> Result<ClientReply, Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let outcome = transport.call(node, PeerRequest::Client(request.clone()), left).await;
+        let retry = match outcome {
+            Ok(PeerReply::Client(Ok(reply))) => return Ok(reply),
+            Ok(PeerReply::Client(Err(e))) if e.is_transient() => e.to_string(),
+            Ok(PeerReply::Client(Err(e))) => return Err(Failure(1, refusal(&e))),
+            Ok(other) => return Err(Failure(2, format!("unexpected answer {other:?}"))),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + delay >= deadline {
+            return Err(Failure(2, format!("no answer from the cluster: {retry}")));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn refusal(e: &ApiError) -> String {
+    e.to_string()
+}
+
+fn json(reply: &ClientReply) -> String {
+    match reply {
+        ClientReply::Task(task) => serde_json::to_string_pretty(task),
+        ClientReply::Tasks(tasks) => serde_json::to_string_pretty(tasks),
+        ClientReply::Runners(runners) => serde_json::to_string_pretty(runners),
+    }
+    .expect("replies serialize")
+}
+
+fn table(reply: &ClientReply) -> String {
+    match reply {
+        ClientReply::Task(task) => show(task),
+        ClientReply::Tasks(tasks) => {
+            let rows: Vec<Vec<String>> = tasks
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.to_string(),
+                        t.state().to_string(),
+                        t.status.runner.as_ref().map_or("-".into(), |r| r.to_string()),
+                        percent(t),
+                        t.run_window().map_or("-".into(), |w| w.to_string()),
+                        spec_summary(&t.control.spec),
+                    ]
+                })
+                .collect();
+            aligned(&["ID", "STATE", "RUNNER", "PROGRESS", "WINDOW", "SPEC"], &rows)
+        }
+        ClientReply::Runners(runners) => {
+            let rows: Vec<Vec<String>> = runners.iter().map(runner_row).collect();
+            aligned(&["NODE", "ADDRESS", "RUNNING", "CAPACITY", "VERSION"], &rows)
+        }
+    }
+}
+
+fn runner_row(r: &RunnerLoad) -> Vec<String> {
+    vec![
+        r.info.node.to_string(),
+        r.info.address.clone(),
+        r.running.to_string(),
+        r.info.capacity.to_string(),
+        r.info.version.clone(),
+    ]
+}
+
+fn show(t: &Task) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| {
+        let _ = writeln!(out, "{k:<12} {v}");
+    };
+    line("id", t.id.to_string());
+    line("state", t.state().to_string());
+    line("desired", format!("{:?}", t.control.desired).to_lowercase());
+    line("runner", t.status.runner.as_ref().map_or("-".into(), |r| r.to_string()));
+    line("attempts", t.status.attempts.to_string());
+    if let Some(reason) = &t.status.reason {
+        line("reason", reason.clone());
+    }
+    if let Some(waiting) = &t.status.waiting {
+        line("waiting", waiting.clone());
+    }
+    line("run window", t.run_window().map_or("any time".into(), |w| w.to_string()));
+    line("spec", spec_summary(&t.control.spec));
+    let p = &t.progress;
+    line("progress", format!("{} of {}", bytes(p.cursor_bytes), p.total_bytes.map_or("?".into(), bytes)));
+    line("copied", bytes(p.counters.bytes_copied));
+    line(
+        "skipped",
+        format!(
+            "{} hole, {} zero, {} unchanged",
+            bytes(p.counters.bytes_skipped_hole),
+            bytes(p.counters.bytes_skipped_zero),
+            bytes(p.counters.bytes_skipped_unchanged)
+        ),
+    );
+    if let Some(digest) = &p.digest {
+        line("digest", digest.clone());
+    }
+    line("created", format!("{} ms", t.control.created_at_ms));
+    out
+}
+
+fn spec_summary(spec: &TaskSpec) -> String {
+    match spec {
+        TaskSpec::CopyVolume(c) => format!(
+            "copy {} -> {}{}",
+            c.source_volume,
+            c.target_volume,
+            c.base_snapshot.as_ref().map_or(String::new(), |b| format!(" (since {b})"))
+        ),
+    }
+}
+
+fn percent(t: &Task) -> String {
+    match t.progress.total_bytes {
+        Some(total) if total > 0 => format!("{:.1}%", t.progress.cursor_bytes as f64 * 100.0 / total as f64),
+        _ => "-".into(),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn aligned(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut emit = |cells: Vec<&str>| {
+        let line: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    };
+    emit(headers.to_vec());
+    for row in rows {
+        emit(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    match run(Cli::parse()).await {
+        Ok(out) => print!("{out}"),
+        Err(Failure(code, message)) => {
+            eprintln!("taskctl: {message}");
+            std::process::exit(code);
+        }
+    }
+}
