@@ -66,8 +66,10 @@ pub mod cache;
 pub mod center;
 pub mod clock;
 pub mod coord;
+pub mod copy;
 pub mod exec;
 pub mod model;
+pub mod schedule;
 pub mod store;
 pub mod transport;
 

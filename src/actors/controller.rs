@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::runner::{ControllerFinished, Outcome, Runner};
-use crate::clock::Clock;
+use crate::schedule::{Schedule, WindowCheck};
 use crate::coord::EventKind;
 use crate::exec::{ExecError, Step, StopToken, TaskExecutor, TaskRun};
 use crate::model::{Change, DesiredState, Task, TaskControl, TaskProgress, TaskState};
@@ -77,7 +77,7 @@ impl TaskController {
         lock: TaskLock,
         store: TaskStore,
         executor: Arc<dyn TaskExecutor>,
-        clock: Arc<dyn Clock>,
+        schedule: Schedule,
         runner: Addr<Runner>,
     ) -> Self {
         let (directive, directives) = watch::channel(Directive { control: task.control.clone(), shutdown: false });
@@ -87,7 +87,8 @@ impl TaskController {
             lock,
             store: store.clone(),
             executor,
-            clock,
+            schedule,
+            waiting: false,
             directives,
             abandon: abandon.clone(),
             runner,
@@ -185,7 +186,9 @@ struct Drive {
     lock: TaskLock,
     store: TaskStore,
     executor: Arc<dyn TaskExecutor>,
-    clock: Arc<dyn Clock>,
+    schedule: Schedule,
+    /// Whether the status carries a waiting note written by this drive.
+    waiting: bool,
     directives: watch::Receiver<Directive>,
     abandon: StopToken,
     runner: Addr<Runner>,
@@ -232,7 +235,29 @@ impl Drive {
             if directive.should_stop() {
                 return self.stop(&progress, &directive).await;
             }
-            match self.step(run.as_mut(), &mut progress).await {
+            let until_ms = match self.schedule.check(&directive.control) {
+                WindowCheck::Closed { opens_at_ms, note } => {
+                    // Progress is committed (after every step); keep the claim and wait, visibly.
+                    if let Err(end) = self.annotate(Some(note)).await {
+                        return end;
+                    }
+                    let opens = self.schedule.clock().sleep_until(opens_at_ms);
+                    tokio::select! {
+                        _ = opens => {}
+                        changed = self.directives.changed() => if changed.is_err() {
+                            return End::Dropped("controller gone".into());
+                        },
+                    }
+                    continue;
+                }
+                WindowCheck::Open { until_ms } => until_ms,
+            };
+            if self.waiting {
+                if let Err(end) = self.annotate(None).await {
+                    return end;
+                }
+            }
+            match self.step(run.as_mut(), &mut progress, until_ms).await {
                 Ok(Step::More) => {
                     failures = 0;
                     if let Err(end) = self.commit(&progress).await {
@@ -275,16 +300,38 @@ impl Drive {
         }
     }
 
-    /// Runs one step; cancels its stop token as soon as the directive says stop.
-    async fn step(&mut self, run: &mut dyn TaskRun, progress: &mut TaskProgress) -> Result<Step, ExecError> {
+    /// Runs one step; cancels its stop token as soon as the directive says stop, or the run
+    /// window closes (at `until_ms`, or because a change moved it).
+    async fn step(
+        &mut self,
+        run: &mut dyn TaskRun,
+        progress: &mut TaskProgress,
+        until_ms: Option<i64>,
+    ) -> Result<Step, ExecError> {
         let token = StopToken::new();
         let step = run.step(progress, &token);
         tokio::pin!(step);
+        let clock = self.schedule.clock().clone();
+        let closes = async move {
+            match until_ms {
+                Some(at) => clock.sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(closes);
         loop {
             tokio::select! {
                 result = &mut step => return result,
+                _ = &mut closes, if !token.is_cancelled() => token.cancel(),
                 changed = self.directives.changed(), if !token.is_cancelled() => {
-                    if changed.is_err() || self.directives.borrow().should_stop() {
+                    let stop = match changed {
+                        Err(_) => true,
+                        Ok(()) => {
+                            let directive = self.directives.borrow();
+                            directive.should_stop() || matches!(self.schedule.check(&directive.control), WindowCheck::Closed { .. })
+                        }
+                    };
+                    if stop {
                         token.cancel();
                     }
                 }
@@ -292,10 +339,29 @@ impl Drive {
         }
     }
 
+    /// Writes (or clears) the waiting note on the task's status, under the claim.
+    async fn annotate(&mut self, note: Option<String>) -> Result<(), End> {
+        let waiting = note.is_some();
+        for attempt in 1..=MAX_COMMIT_ATTEMPTS {
+            match self.store.annotate(&self.task.id, self.lock.fence(), note.clone()).await {
+                Ok(_) => {
+                    self.waiting = waiting;
+                    if let Some(note) = &note {
+                        info!(task = %self.task.id, %note, "outside its run window");
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => tokio::time::sleep(backoff(attempt)).await,
+                Err(e) => return Err(self.lost(e).await),
+            }
+        }
+        Err(self.give_up().await)
+    }
+
     /// Commits progress, retrying while the coordination service is unreachable.
     async fn commit(&mut self, progress: &TaskProgress) -> Result<(), End> {
         let mut progress = progress.clone();
-        progress.updated_at_ms = self.clock.now_ms();
+        progress.updated_at_ms = self.schedule.clock().now_ms();
         for attempt in 1..=MAX_COMMIT_ATTEMPTS {
             match self.store.commit_progress(&mut self.lock, &progress).await {
                 Ok(()) => {
@@ -331,7 +397,7 @@ impl Drive {
     /// Commits the last progress with a state change, atomically, then releases the claim.
     async fn finish(&mut self, progress: &TaskProgress, to: TaskState, change: Change) -> End {
         let mut progress = progress.clone();
-        progress.updated_at_ms = self.clock.now_ms();
+        progress.updated_at_ms = self.schedule.clock().now_ms();
         for attempt in 1..=MAX_COMMIT_ATTEMPTS {
             match self.store.commit_with_transition(&mut self.lock, &progress, to, change.clone()).await {
                 Ok(_) => {

@@ -27,6 +27,7 @@ use crate::coord::{CoordError, EventKind};
 use crate::exec::StopToken;
 use crate::model::{Change, DesiredState, NodeId, RunnerInfo, Task, TaskId, TaskState};
 use crate::store::{decode, layout, Fence, TaskStore};
+use crate::schedule::{Schedule, WindowCheck};
 use crate::transport::Transport;
 
 /// Most tasks one scheduling pass looks at.
@@ -94,6 +95,7 @@ pub(crate) struct DispatcherConfig {
     pub store: TaskStore,
     pub mirror: Arc<TaskMirror>,
     pub transport: Arc<dyn Transport>,
+    pub schedule: Schedule,
     pub sweep_interval: Duration,
     pub request_timeout: Duration,
     pub call_timeout: Duration,
@@ -121,6 +123,10 @@ pub struct Dispatcher {
     backoff: HashMap<TaskId, (Instant, u32)>,
     /// Tasks being put back to pending.
     rescuing: HashSet<TaskId>,
+    /// Waiting notes written on pending tasks outside their windows, so each is written once.
+    noted: HashMap<TaskId, String>,
+    /// When the timer for the earliest window opening fires, Unix milliseconds.
+    wake_at: Option<i64>,
     pass_scheduled: bool,
     stop: StopToken,
 }
@@ -136,6 +142,8 @@ impl Dispatcher {
             assigned: HashMap::new(),
             backoff: HashMap::new(),
             rescuing: HashSet::new(),
+            noted: HashMap::new(),
+            wake_at: None,
             pass_scheduled: false,
             stop: StopToken::new(),
         }
@@ -194,7 +202,8 @@ impl Dispatcher {
         self.assigned.retain(|id, (_, at)| pending_ids.contains(id) && now.duration_since(*at) < ASSIGNED_GRACE);
         self.backoff.retain(|id, _| pending_ids.contains(id));
 
-        let mut load: HashMap<&NodeId, u32> = self.runners.iter().map(|r| (&r.node, 0)).collect();
+        let runners = self.runners.clone();
+        let mut load: HashMap<&NodeId, u32> = runners.iter().map(|r| (&r.node, 0)).collect();
         for task in &running {
             if let Some(count) = task.status.runner.as_ref().and_then(|r| load.get_mut(r)) {
                 *count += 1;
@@ -206,7 +215,9 @@ impl Dispatcher {
             }
         }
 
+        self.noted.retain(|id, _| pending_ids.contains(id));
         let mut sends = Vec::new();
+        let mut earliest_opening: Option<i64> = None;
         for task in &pending {
             if task.control.desired != DesiredState::Run
                 || self.in_flight.contains_key(&task.id)
@@ -215,8 +226,12 @@ impl Dispatcher {
             {
                 continue;
             }
-            let choice = self
-                .runners
+            if let WindowCheck::Closed { opens_at_ms, note } = self.config.schedule.check(&task.control) {
+                earliest_opening = Some(earliest_opening.map_or(opens_at_ms, |e| e.min(opens_at_ms)));
+                self.note_waiting(task, note, &fence);
+                continue;
+            }
+            let choice = runners
                 .iter()
                 .filter(|r| load.get(&r.node).copied().unwrap_or(u32::MAX) < r.capacity)
                 .min_by_key(|r| (load.get(&r.node).copied().unwrap_or(u32::MAX), r.node.clone()));
@@ -237,7 +252,11 @@ impl Dispatcher {
             });
         }
 
-        let live: HashSet<&NodeId> = self.runners.iter().map(|r| &r.node).collect();
+        if let Some(at) = earliest_opening {
+            self.wake_at_ms(at, ctx);
+        }
+
+        let live: HashSet<&NodeId> = runners.iter().map(|r| &r.node).collect();
         for task in running {
             let Some(owner) = task.status.runner.clone() else { continue };
             if live.contains(&owner) || !self.rescuing.insert(task.id) {
@@ -249,6 +268,36 @@ impl Dispatcher {
                 addr.do_send(Rescued(id));
             });
         }
+    }
+
+    /// Writes why a pending task waits, once per note.
+    fn note_waiting(&mut self, task: &Task, note: String, fence: &Fence) {
+        if task.status.waiting.as_deref() == Some(note.as_str()) || self.noted.get(&task.id) == Some(&note) {
+            return;
+        }
+        self.noted.insert(task.id, note.clone());
+        let (store, fence, id) = (self.config.store.clone(), fence.clone(), task.id);
+        actix::spawn(async move {
+            if let Err(e) = store.annotate(&id, &fence, Some(note)).await {
+                debug!(task = %id, error = %e, "cannot note why the task waits");
+            }
+        });
+    }
+
+    /// Makes sure a scheduling pass runs when the earliest waiting window opens (by the node's
+    /// clock, so a test's manual clock drives it).
+    fn wake_at_ms(&mut self, at: i64, ctx: &mut Context<Self>) {
+        if self.wake_at.is_some_and(|w| w <= at) {
+            return;
+        }
+        self.wake_at = Some(at);
+        let (clock, addr, stop) = (self.config.schedule.clock().clone(), ctx.address(), self.stop.clone());
+        actix::spawn(async move {
+            tokio::select! {
+                _ = clock.sleep_until(at) => addr.do_send(Wake(at)),
+                _ = stop.cancelled() => {}
+            }
+        });
     }
 
     fn watch_runners(&self, ctx: &mut Context<Self>) {
@@ -308,6 +357,22 @@ async fn rescue(store: &TaskStore, fence: &Fence, id: TaskId, owner: &NodeId) {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Rescued(TaskId);
+
+/// A waiting task's window opened.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Wake(i64);
+
+impl Handler<Wake> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, Wake(at): Wake, ctx: &mut Context<Self>) {
+        if self.wake_at == Some(at) {
+            self.wake_at = None;
+        }
+        self.kick(ctx);
+    }
+}
 
 /// Follows `/runners` and reports the live runners whenever they change.
 async fn follow_runners(store: TaskStore, addr: Addr<Dispatcher>) {

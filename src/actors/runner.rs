@@ -20,6 +20,7 @@ use crate::api::ApiError;
 use crate::clock::Clock;
 use crate::coord::{CoordError, CreateMode, SessionState, SessionStatus};
 use crate::exec::TaskExecutor;
+use crate::schedule::Schedule;
 use crate::model::{Change, DesiredState, ModelError, NodeId, RunnerInfo, TaskId, TaskState};
 use crate::store::{encode, layout, StoreError, TaskStore};
 
@@ -91,6 +92,7 @@ pub(crate) struct RunnerConfig {
     pub store: TaskStore,
     pub executor: Arc<dyn TaskExecutor>,
     pub clock: Arc<dyn Clock>,
+    pub schedule: Schedule,
     pub mailbox_capacity: usize,
 }
 
@@ -293,7 +295,7 @@ impl Handler<Assign> for Runner {
                         lock,
                         act.config.store.clone(),
                         act.config.executor.clone(),
-                        act.config.clock.clone(),
+                        act.config.schedule.clone(),
                         ctx.address(),
                     );
                     act.controllers.insert(id, controller.start());

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::clock::{Clock, SystemClock};
 use crate::coord::{EmbeddedServer, ZkConfig};
 use crate::exec::{SimulatedExecutor, TaskExecutor};
-use crate::model::NodeId;
+use crate::model::{time_zone, NodeId, RunWindow};
+use crate::schedule::Schedule;
 use crate::transport::{InProcessNetwork, Transport};
 
 use super::TaskCenter;
@@ -52,6 +53,8 @@ pub struct TaskCenterBuilder {
     pub(super) transport: Option<Arc<dyn Transport>>,
     pub(super) executor: Option<Arc<dyn TaskExecutor>>,
     pub(super) clock: Arc<dyn Clock>,
+    pub(super) time_zone: String,
+    pub(super) default_run_window: Option<RunWindow>,
     pub(super) tasks_per_runner: u32,
     pub(super) mailbox_capacity: usize,
     pub(super) sweep_interval_ms: u64,
@@ -84,6 +87,8 @@ impl Default for TaskCenterBuilder {
             transport: None,
             executor: None,
             clock: Arc::new(SystemClock),
+            time_zone: "UTC".into(),
+            default_run_window: None,
             tasks_per_runner: DEFAULT_TASKS_PER_RUNNER,
             mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
@@ -146,9 +151,24 @@ impl TaskCenterBuilder {
         self
     }
 
-    /// The clock for timestamps (and, later, run windows). Default: the system clock.
+    /// The clock for timestamps and run windows (tests pass a
+    /// [`ManualClock`](crate::clock::ManualClock) and move it). Default: the system clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// The IANA time zone in which run windows are read (`Asia/Shanghai`). Must be the same on
+    /// every node of a cluster. Default: `UTC`.
+    pub fn time_zone(mut self, name: impl Into<String>) -> Self {
+        self.time_zone = name.into();
+        self
+    }
+
+    /// The run window of tasks that have none of their own. Must be the same on every node of a
+    /// cluster. Default: none (such tasks run at any time).
+    pub fn default_run_window(mut self, window: Option<RunWindow>) -> Self {
+        self.default_run_window = window;
         self
     }
 
@@ -214,6 +234,8 @@ impl TaskCenterBuilder {
             range("zookeeper session_timeout_ms", zk.session_timeout_ms, 1_000, 600_000)?;
             range("zookeeper operation_timeout_ms", zk.operation_timeout_ms, 100, 600_000)?;
         }
+        let zone = time_zone(&self.time_zone).map_err(|e| invalid("time_zone", &self.time_zone, e.to_string()))?;
+        let schedule = Schedule::new(zone, &self.time_zone, self.default_run_window, self.clock.clone());
         let listen = self.listen.clone().unwrap_or_else(|| node.to_string());
         if listen.trim().is_empty() {
             return Err(invalid("listen", &listen, "is empty".into()));
@@ -230,6 +252,7 @@ impl TaskCenterBuilder {
             transport: self.transport.unwrap_or_else(|| Arc::new(InProcessNetwork::new())),
             executor: self.executor.unwrap_or_else(|| Arc::new(SimulatedExecutor::default())),
             clock: self.clock,
+            schedule,
             tasks_per_runner: self.tasks_per_runner,
             mailbox_capacity: self.mailbox_capacity,
             sweep_interval_ms: self.sweep_interval_ms,

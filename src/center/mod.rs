@@ -27,6 +27,7 @@ use crate::clock::Clock;
 use crate::coord::{CoordError, Coordination, SessionStatus, ZkCoordination};
 use crate::exec::{StopToken, TaskExecutor};
 use crate::model::{NodeId, RunWindow, Task, TaskId, TaskSpec};
+use crate::schedule::Schedule;
 use crate::store::{StoreError, TaskStore};
 use crate::transport::{Listener, RequestHandler, Transport, TransportError};
 
@@ -66,6 +67,7 @@ pub struct TaskCenter {
     transport: Arc<dyn Transport>,
     executor: Arc<dyn TaskExecutor>,
     clock: Arc<dyn Clock>,
+    schedule: Schedule,
     tasks_per_runner: u32,
     mailbox_capacity: usize,
     sweep_interval_ms: u64,
@@ -228,6 +230,7 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
         store: store.clone(),
         executor: config.executor.clone(),
         clock: config.clock.clone(),
+        schedule: config.schedule.clone(),
         mailbox_capacity: config.mailbox_capacity,
     })
     .start();
@@ -236,6 +239,7 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
         store: store.clone(),
         mirror: mirror.clone(),
         transport: config.transport.clone(),
+        schedule: config.schedule.clone(),
         sweep_interval: Duration::from_millis(config.sweep_interval_ms),
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         call_timeout: Duration::from_millis(config.call_timeout_ms),

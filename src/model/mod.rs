@@ -21,4 +21,4 @@ pub use task::{
     CopyOptions, CopyVolumeSpec, ProgressCounters, RecordVersions, Task, TaskControl, TaskProgress, TaskSpec, Verify,
     DEFAULT_BLOCKS_IN_FLIGHT, DEFAULT_BLOCK_SIZE_BYTES, DEFAULT_EXTENT_SIZE_BYTES, MAX_HOSTS,
 };
-pub use window::{RunWindow, TimeOfDay};
+pub use window::{time_zone, RunWindow, TimeOfDay};

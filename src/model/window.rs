@@ -4,6 +4,21 @@
 //! zone. `start > end` wraps past midnight (`22:00-04:00` runs from 22:00 to 04:00 the next
 //! morning). `start == end` is refused: it would mean either "never" or "always", and an
 //! operator who wants "always" clears the window instead.
+//!
+//! # Daylight-saving time
+//!
+//! Whether the window is open is decided by the **local wall-clock time** in the zone: open
+//! exactly while the clock on the wall reads a time in `[start, end)`. It follows that:
+//!
+//! - when a start time does not exist that day (spring forward, 02:30 in a 02:00-03:00 gap), the
+//!   window opens at the end of the gap (03:00), the first instant at which the wall clock reads
+//!   a time past the start; likewise an end in the gap closes it at the end of the gap;
+//! - when wall-clock times happen twice (fall back), the window is open during both: a
+//!   `01:00-02:00` window lasts two hours that night, and a window that starts inside the
+//!   repeated hour opens at its first occurrence.
+//!
+//! [`RunWindow::next_change`] gives the next instant at which openness flips, consistently with
+//! [`RunWindow::is_open`], so a timer set to it never fires early or late by a DST offset.
 
 use std::fmt;
 use std::str::FromStr;
@@ -157,6 +172,55 @@ impl From<RunWindow> for String {
     }
 }
 
+impl RunWindow {
+    /// Whether the window is open at `at`, read in zone `tz` (by wall-clock time; see the module
+    /// docs for daylight-saving time).
+    pub fn is_open(&self, at: jiff::Timestamp, tz: &jiff::tz::TimeZone) -> bool {
+        let local = at.to_zoned(tz.clone()).time();
+        // Seconds count: 01:59:59 is before 02:00 and inside a window ending at 02:00.
+        let t = TimeOfDay { hour: local.hour() as u8, minute: local.minute() as u8 };
+        self.contains(t)
+    }
+
+    /// The first instant after `at` at which the window opens (if it is closed at `at`) or closes
+    /// (if open).
+    pub fn next_change(&self, at: jiff::Timestamp, tz: &jiff::tz::TimeZone) -> jiff::Timestamp {
+        let open = self.is_open(at, tz);
+        let mut candidates = self.boundaries(at, tz);
+        candidates.sort();
+        candidates
+            .into_iter()
+            .filter(|c| *c > at)
+            .find(|c| self.is_open(*c, tz) != open)
+            .unwrap_or_else(|| at + jiff::SignedDuration::from_hours(24))
+    }
+
+    /// Every instant in the three days around `at` at which openness may flip: the window's
+    /// start and end on each day (both readings of an ambiguous or missing wall time), and the
+    /// zone's offset transitions.
+    fn boundaries(&self, at: jiff::Timestamp, tz: &jiff::tz::TimeZone) -> Vec<jiff::Timestamp> {
+        let today = at.to_zoned(tz.clone()).date();
+        let mut out = Vec::new();
+        for days in -1..=2i64 {
+            let Ok(date) = today.checked_add(jiff::Span::new().days(days)) else { continue };
+            for t in [self.start, self.end] {
+                let local = date.at(t.hour as i8, t.minute as i8, 0, 0);
+                let ambiguous = tz.to_ambiguous_timestamp(local);
+                out.extend(ambiguous.clone().earlier().ok());
+                out.extend(ambiguous.later().ok());
+            }
+        }
+        let horizon = at + jiff::SignedDuration::from_hours(72);
+        out.extend(tz.following(at).map(|transition| transition.timestamp()).take_while(|ts| *ts <= horizon));
+        out
+    }
+}
+
+/// A time zone by IANA name (`Asia/Shanghai`, `UTC`), or an error naming the value.
+pub fn time_zone(name: &str) -> Result<jiff::tz::TimeZone, ModelError> {
+    jiff::tz::TimeZone::get(name).map_err(|_| ModelError::invalid("time zone", name, "not an IANA time zone name"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +271,56 @@ mod tests {
         assert!(night.contains(t("22:00")) && night.contains(t("23:59")) && night.contains(t("00:00")));
         assert!(night.contains(t("03:59")) && !night.contains(t("04:00")) && !night.contains(t("21:59")));
         assert!(!night.contains(t("12:00")));
+    }
+
+    fn ts(s: &str) -> jiff::Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn open_and_next_change_in_a_fixed_zone() {
+        let tz = time_zone("Asia/Shanghai").unwrap();
+        let night: RunWindow = "22:00-04:00".parse().unwrap();
+        // 23:00 local (+08:00) is 15:00Z.
+        assert!(night.is_open(ts("2026-11-21T15:00:00Z"), &tz));
+        assert_eq!(night.next_change(ts("2026-11-21T15:00:00Z"), &tz), ts("2026-11-21T20:00:00Z"));
+        // 12:00 local: closed, opens at 22:00 local = 14:00Z.
+        assert!(!night.is_open(ts("2026-11-21T04:00:00Z"), &tz));
+        assert_eq!(night.next_change(ts("2026-11-21T04:00:00Z"), &tz), ts("2026-11-21T14:00:00Z"));
+        // Exactly at the end: closed (half-open), next change is the next opening.
+        assert!(!night.is_open(ts("2026-11-21T20:00:00Z"), &tz));
+        assert_eq!(night.next_change(ts("2026-11-21T20:00:00Z"), &tz), ts("2026-11-22T14:00:00Z"));
+    }
+
+    #[test]
+    fn a_start_inside_the_spring_gap_opens_at_the_end_of_the_gap() {
+        // New York, 2026-03-08: 02:00 EST jumps to 03:00 EDT (07:00Z).
+        let tz = time_zone("America/New_York").unwrap();
+        let w: RunWindow = "02:30-05:00".parse().unwrap();
+        let before = ts("2026-03-08T06:00:00Z"); // 01:00 EST
+        assert!(!w.is_open(before, &tz));
+        assert_eq!(w.next_change(before, &tz), ts("2026-03-08T07:00:00Z"), "opens at 03:00 EDT");
+        assert!(w.is_open(ts("2026-03-08T07:00:00Z"), &tz));
+        assert_eq!(w.next_change(ts("2026-03-08T07:00:00Z"), &tz), ts("2026-03-08T09:00:00Z"), "closes 05:00 EDT");
+    }
+
+    #[test]
+    fn a_window_in_the_repeated_autumn_hour_is_open_twice() {
+        // New York, 2026-11-01: 02:00 EDT falls back to 01:00 EST (06:00Z); 01:xx happens twice.
+        let tz = time_zone("America/New_York").unwrap();
+        let w: RunWindow = "01:00-02:00".parse().unwrap();
+        let first = ts("2026-11-01T05:00:00Z"); // 01:00 EDT
+        assert!(w.is_open(first, &tz));
+        assert_eq!(w.next_change(first, &tz), ts("2026-11-01T07:00:00Z"), "02:00 EST, two hours later");
+        assert!(w.is_open(ts("2026-11-01T06:30:00Z"), &tz), "01:30 EST, the second time round");
+        let late: RunWindow = "01:30-03:00".parse().unwrap();
+        assert_eq!(late.next_change(ts("2026-11-01T04:00:00Z"), &tz), ts("2026-11-01T05:30:00Z"), "first 01:30");
+    }
+
+    #[test]
+    fn unknown_time_zones_are_named() {
+        let err = time_zone("Mars/Olympus").unwrap_err();
+        assert!(err.to_string().contains("Mars/Olympus"), "{err}");
     }
 
     #[test]

@@ -253,6 +253,32 @@ impl TaskStore {
         Err(StoreError::Conflict { id: *id, record: "status" })
     }
 
+    /// Sets or clears the waiting note of a task's status without changing its state (why a
+    /// task is not moving: `waiting for run window, opens ...`). A no-op if the note is already
+    /// the same. Returns the task as stored after.
+    pub async fn annotate(&self, id: &TaskId, fence: &Fence, waiting: Option<String>) -> Result<Task> {
+        for attempt in 0..CAS_ATTEMPTS {
+            let mut task = self.get(id).await?;
+            if task.status.waiting == waiting {
+                return Ok(task);
+            }
+            task.status.waiting = waiting.clone();
+            task.status.updated_at_ms = self.clock.now_ms();
+            let ops = vec![
+                fence.check(),
+                Op::Set { path: layout::status(id), data: encode(&task.status), expected: Some(task.versions.status) },
+            ];
+            match self.coord.multi(ops).await {
+                Ok(results) => {
+                    task.versions.status = set_version(&results, 1);
+                    return Ok(task);
+                }
+                Err(e) => retry_on_bad_version(fence_error(e, fence)?, attempt).await?,
+            }
+        }
+        Err(StoreError::Conflict { id: *id, record: "status" })
+    }
+
     /// Claims a task for `runner`. Fails with [`StoreError::Claimed`] if another runner holds it;
     /// the claim lasts until [`TaskStore::release`] or the end of the runner's session.
     pub async fn claim(&self, id: &TaskId, runner: &NodeId) -> Result<TaskLock> {
