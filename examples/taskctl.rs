@@ -18,7 +18,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use task_center::api::{ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad};
 use task_center::model::{
-    CopyOptions, CopyVolumeSpec, RunWindow, SnapshotId, Task, TaskId, TaskSpec, TaskState, TimeOfDay, VolumeId,
+    CopyOptions, CopyVolumeSpec, RunWindow, SnapshotId, Task, TaskId, TaskSpec, TaskState, TimeOfDay, VipConfig,
+    VolumeId,
 };
 use task_center::transport::{TcpConfig, TcpTransport, Transport};
 
@@ -51,6 +52,23 @@ enum Command {
     Task(TaskCommand),
     /// The live runners and their loads.
     Runners,
+    /// Virtual IPs, held by the leader.
+    #[command(subcommand)]
+    Vip(VipCommand),
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Set a service's virtual IPs (IPv4 or IPv6), replacing any it had.
+    Set {
+        service: String,
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+    /// Remove a service's virtual IPs.
+    Delete { service: String },
+    /// Every service's virtual IPs and the node holding them.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -182,6 +200,18 @@ async fn run(cli: Cli) -> Result<String, Failure> {
     let request = match cli.command {
         Command::Task(command) => request_of(command)?,
         Command::Runners => ClientRequest::ListRunners,
+        Command::Vip(VipCommand::Set { service, addresses }) => {
+            let mut parsed = Vec::new();
+            for address in addresses {
+                let ip = address
+                    .parse()
+                    .map_err(|_| Failure(2, format!("invalid vip address {address:?}: not an IPv4 or IPv6 address")))?;
+                parsed.push(ip);
+            }
+            ClientRequest::SetVip(VipConfig::new(service, parsed)?)
+        }
+        Command::Vip(VipCommand::Delete { service }) => ClientRequest::DeleteVip { service },
+        Command::Vip(VipCommand::List) => ClientRequest::ListVips,
     };
     let transport = TcpTransport::new(TcpConfig::new(secret)).map_err(|e| Failure(2, e.to_string()))?;
     let reply = call(&transport, &cli.node, request, Duration::from_millis(cli.timeout_ms)).await?;
@@ -224,6 +254,7 @@ fn json(reply: &ClientReply) -> String {
         ClientReply::Task(task) => serde_json::to_string_pretty(task),
         ClientReply::Tasks(tasks) => serde_json::to_string_pretty(tasks),
         ClientReply::Runners(runners) => serde_json::to_string_pretty(runners),
+        ClientReply::Vips(vips) => serde_json::to_string_pretty(vips),
     }
     .expect("replies serialize")
 }
@@ -250,6 +281,21 @@ fn table(reply: &ClientReply) -> String {
         ClientReply::Runners(runners) => {
             let rows: Vec<Vec<String>> = runners.iter().map(runner_row).collect();
             aligned(&["NODE", "ADDRESS", "RUNNING", "CAPACITY", "VERSION"], &rows)
+        }
+        ClientReply::Vips(vips) => {
+            let rows: Vec<Vec<String>> = vips
+                .iter()
+                .flat_map(|v| {
+                    v.config.addresses.iter().map(move |a| {
+                        vec![
+                            v.config.service.clone(),
+                            a.to_string(),
+                            v.holder.as_ref().map_or("-".into(), |h| h.to_string()),
+                        ]
+                    })
+                })
+                .collect();
+            aligned(&["SERVICE", "ADDRESS", "HOLDER"], &rows)
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ModelError, NodeId, RunWindow, RunnerInfo, Task, TaskId, TaskSpec, TaskState};
+use crate::model::{ModelError, NodeId, RunWindow, RunnerInfo, Task, TaskId, TaskSpec, TaskState, VipConfig};
 
 /// Most tasks one list answer carries.
 pub const MAX_LIST_LIMIT: usize = 10_000;
@@ -75,12 +75,24 @@ pub enum ClientRequest {
     },
     /// The live runners.
     ListRunners,
+    /// Set (create or replace) the virtual IPs of a service.
+    SetVip(VipConfig),
+    /// Remove a service's virtual IPs.
+    DeleteVip {
+        /// The service.
+        service: String,
+    },
+    /// Every service's virtual IPs, and who holds them.
+    ListVips,
 }
 
 impl ClientRequest {
     /// Whether the request changes something (and so must reach the leader).
     pub fn is_write(&self) -> bool {
-        !matches!(self, ClientRequest::Show { .. } | ClientRequest::List(_) | ClientRequest::ListRunners)
+        !matches!(
+            self,
+            ClientRequest::Show { .. } | ClientRequest::List(_) | ClientRequest::ListRunners | ClientRequest::ListVips
+        )
     }
 }
 
@@ -96,6 +108,17 @@ pub enum ClientReply {
     Tasks(Vec<Task>),
     /// Live runners with the number of tasks each runs.
     Runners(Vec<RunnerLoad>),
+    /// VIP configurations, by service.
+    Vips(Vec<VipStatus>),
+}
+
+/// A service's virtual IPs and where they live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    /// The configuration.
+    pub config: VipConfig,
+    /// The node that should hold them: the leader.
+    pub holder: Option<NodeId>,
 }
 
 /// A runner and its load.
@@ -176,6 +199,12 @@ pub enum ApiError {
     NotFound {
         /// The id asked for.
         id: TaskId,
+    },
+    /// No VIP configuration for this service. Final.
+    #[error("no virtual IPs configured for service {service:?}")]
+    NoSuchVip {
+        /// The service asked for.
+        service: String,
     },
     /// Another task is stored under this id. Final.
     #[error("task {id} already exists with a different spec")]

@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::runner::{ControllerFinished, Outcome, Runner};
-use crate::schedule::{Schedule, WindowCheck};
 use crate::coord::EventKind;
 use crate::exec::{ExecError, Step, StopToken, TaskExecutor, TaskRun};
 use crate::model::{Change, DesiredState, Task, TaskControl, TaskProgress, TaskState};
+use crate::schedule::{Schedule, WindowCheck};
 use crate::store::{layout, StoreError, TaskLock, TaskStore};
 
 /// Temporary executor failures tolerated in a row before the task fails.

@@ -26,8 +26,8 @@ use crate::cache::TaskMirror;
 use crate::coord::{CoordError, EventKind};
 use crate::exec::StopToken;
 use crate::model::{Change, DesiredState, NodeId, RunnerInfo, Task, TaskId, TaskState};
-use crate::store::{decode, layout, Fence, TaskStore};
 use crate::schedule::{Schedule, WindowCheck};
+use crate::store::{decode, layout, Fence, TaskStore};
 use crate::transport::Transport;
 
 /// Most tasks one scheduling pass looks at.
@@ -152,6 +152,7 @@ impl Dispatcher {
     fn leader(&self) -> Option<Leader> {
         let lead = self.lead.as_ref().filter(|l| l.ready)?;
         Some(Leader {
+            node: self.config.node.clone(),
             store: self.config.store.clone(),
             fence: lead.fence.clone(),
             mirror: self.config.mirror.clone(),

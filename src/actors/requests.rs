@@ -13,10 +13,10 @@ use tracing::debug;
 
 use super::election::current_leader;
 use crate::api::{
-    ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad, MAX_LIST_LIMIT,
+    ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad, VipStatus, MAX_LIST_LIMIT,
 };
 use crate::cache::TaskMirror;
-use crate::model::{Change, DesiredState, RunWindow, RunnerInfo, Task, TaskId, TaskState};
+use crate::model::{Change, DesiredState, NodeId, RunWindow, RunnerInfo, Task, TaskId, TaskState};
 use crate::store::{Fence, TaskStore};
 use crate::transport::Transport;
 
@@ -26,6 +26,7 @@ const FORWARD_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// What the leader serves requests with; a snapshot taken per request.
 #[derive(Clone)]
 pub(crate) struct Leader {
+    pub node: NodeId,
     pub store: TaskStore,
     pub fence: Fence,
     pub mirror: Arc<TaskMirror>,
@@ -53,7 +54,26 @@ impl Leader {
             ClientRequest::Resume { id } => self.resume(id).await,
             ClientRequest::SetRunWindow { id, run_window } => self.set_run_window(id, run_window).await,
             ClientRequest::ListRunners => self.list_runners().await,
+            ClientRequest::SetVip(config) => {
+                self.store.set_vip(&config, &self.fence).await?;
+                self.list_vips().await
+            }
+            ClientRequest::DeleteVip { service } => {
+                if !self.store.delete_vip(&service, &self.fence).await? {
+                    return Err(ApiError::NoSuchVip { service });
+                }
+                self.list_vips().await
+            }
+            ClientRequest::ListVips => self.list_vips().await,
         }
+    }
+
+    /// Every service's VIPs, held by this node (the leader).
+    async fn list_vips(&self) -> Result<ClientReply, ApiError> {
+        let mut configs = self.store.vips().await?;
+        configs.sort_by(|a, b| a.service.cmp(&b.service));
+        let holder = Some(self.node.clone());
+        Ok(ClientReply::Vips(configs.into_iter().map(|config| VipStatus { config, holder: holder.clone() }).collect()))
     }
 
     async fn list(&self, filter: ListFilter) -> Result<ClientReply, ApiError> {

@@ -20,8 +20,8 @@ use crate::api::ApiError;
 use crate::clock::Clock;
 use crate::coord::{CoordError, CreateMode, SessionState, SessionStatus};
 use crate::exec::TaskExecutor;
-use crate::schedule::Schedule;
 use crate::model::{Change, DesiredState, ModelError, NodeId, RunnerInfo, TaskId, TaskState};
+use crate::schedule::Schedule;
 use crate::store::{encode, layout, StoreError, TaskStore};
 
 const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);

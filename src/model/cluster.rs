@@ -44,7 +44,7 @@ impl VipConfig {
 
     /// Checks the service name and every address.
     pub fn validate(&self) -> Result<(), ModelError> {
-        validate_name("vip service", &self.service)?;
+        check_service_name(&self.service)?;
         if self.addresses.is_empty() {
             return Err(ModelError::invalid("vip addresses", "", "need at least one address"));
         }
@@ -64,6 +64,11 @@ impl VipConfig {
         }
         Ok(())
     }
+}
+
+/// Refuses a VIP service name that is not `[A-Za-z0-9._-]`, 1 to 128 bytes.
+pub fn check_service_name(service: &str) -> Result<(), ModelError> {
+    validate_name("vip service", service)
 }
 
 /// Refuses addresses that cannot serve as a virtual IP.

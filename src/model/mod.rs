@@ -13,7 +13,7 @@ mod state;
 mod task;
 mod window;
 
-pub use cluster::{check_vip_address, RunnerInfo, VipConfig, MAX_VIPS_PER_SERVICE};
+pub use cluster::{check_service_name, check_vip_address, RunnerInfo, VipConfig, MAX_VIPS_PER_SERVICE};
 pub use error::ModelError;
 pub use id::{NodeId, SnapshotId, TaskId, VolumeId, MAX_NAME_BYTES};
 pub use state::{Change, DesiredState, TaskState, TaskStatus, TRANSITIONS};

@@ -27,7 +27,8 @@ use tracing::debug;
 use crate::clock::Clock;
 use crate::coord::{ensure_path, CoordError, Coordination, CreateMode, Op, OpResult, Stat, Version};
 use crate::model::{
-    Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState, TaskStatus,
+    Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState,
+    TaskStatus, VipConfig,
 };
 
 mod error;
@@ -442,6 +443,56 @@ impl TaskStore {
             }
         }
         Err(StoreError::Conflict { id, record: "status" })
+    }
+
+    /// Sets a service's VIP configuration (dispatcher only), creating or replacing it.
+    pub async fn set_vip(&self, config: &VipConfig, fence: &Fence) -> Result<()> {
+        config.validate()?;
+        let path = layout::vip(&config.service);
+        loop {
+            let op = match self.coord.exists(&path).await? {
+                Some(stat) => Op::Set { path: path.clone(), data: encode(config), expected: Some(stat.version) },
+                None => Op::Create { path: path.clone(), data: encode(config), mode: CreateMode::Persistent },
+            };
+            match self.coord.multi(vec![fence.check(), op]).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    let e = fence_error(e, fence)?;
+                    // Someone created or changed it meanwhile: read again and retry.
+                    if !matches!(
+                        e.root(),
+                        CoordError::NodeExists { .. } | CoordError::BadVersion { .. } | CoordError::NoNode { .. }
+                    ) {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes a service's VIP configuration (dispatcher only). `false` if there was none.
+    pub async fn delete_vip(&self, service: &str, fence: &Fence) -> Result<bool> {
+        crate::model::check_service_name(service)?;
+        match self.coord.multi(vec![fence.check(), Op::Delete { path: layout::vip(service), expected: None }]).await {
+            Ok(_) => Ok(true),
+            Err(e) => match fence_error(e, fence)? {
+                e if matches!(e.root(), CoordError::NoNode { .. }) => Ok(false),
+                e => Err(e.into()),
+            },
+        }
+    }
+
+    /// Every VIP configuration, by service name.
+    pub async fn vips(&self) -> Result<Vec<VipConfig>> {
+        let mut configs = Vec::new();
+        for name in self.coord.children(layout::VIPS).await? {
+            match self.read::<VipConfig>(&crate::coord::join(layout::VIPS, &name)).await {
+                Ok((config, _)) => configs.push(config),
+                Err(StoreError::Coord(CoordError::NoNode { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(configs)
     }
 
     async fn read<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Version)> {
