@@ -81,7 +81,10 @@ impl Schedule {
 
 impl std::fmt::Debug for Schedule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Schedule").field("time_zone", &self.zone_name).field("default_window", &self.default_window).finish()
+        f.debug_struct("Schedule")
+            .field("time_zone", &self.zone_name)
+            .field("default_window", &self.default_window)
+            .finish()
     }
 }
 
@@ -112,7 +115,10 @@ mod tests {
         match schedule.check(&control(None)) {
             WindowCheck::Closed { opens_at_ms, note } => {
                 assert_eq!(opens_at_ms, "2026-11-21T14:00:00Z".parse::<jiff::Timestamp>().unwrap().as_millisecond());
-                assert_eq!(note, "waiting for run window 22:00-04:00, opens 22:00 Asia/Shanghai (2026-11-21 22:00 +08:00)");
+                assert_eq!(
+                    note,
+                    "waiting for run window 22:00-04:00, opens 22:00 Asia/Shanghai (2026-11-21 22:00 +08:00)"
+                );
             }
             other => panic!("{other:?}"),
         }
