@@ -28,6 +28,7 @@ async fn host() {
         .node_id("host-node")
         .embedded(server.clone())
         .data_dir(dir.path())
+        .executor(std::sync::Arc::new(task_center::exec::SimulatedExecutor::default()))
         .build()
         .unwrap()
         .start()

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use crate::clock::{Clock, SystemClock};
 use crate::coord::{EmbeddedServer, ZkConfig};
-use crate::exec::{SimulatedExecutor, TaskExecutor};
+use crate::copy::{CopyBackend, CopyEngine, FileBackend};
+use crate::exec::TaskExecutor;
 use crate::model::{time_zone, NodeId, RunWindow};
 use crate::schedule::Schedule;
 use crate::transport::{InProcessNetwork, Transport};
@@ -144,8 +145,16 @@ impl TaskCenterBuilder {
         self
     }
 
-    /// What does the tasks' work. Default: a [`SimulatedExecutor`] (ten short steps per task),
-    /// which moves tasks through their lives without touching any volume.
+    /// The block service the copy engine reads and writes volumes through. Default: a
+    /// [`FileBackend`] of sparse image files under `volumes/` in the data directory.
+    pub fn copy_backend(mut self, backend: Arc<dyn CopyBackend>) -> Self {
+        self.executor = Some(Arc::new(CopyEngine::new(backend)));
+        self
+    }
+
+    /// What does the tasks' work, replacing the copy engine altogether (for instance a
+    /// [`SimulatedExecutor`](crate::exec::SimulatedExecutor) in tests of scheduling). Default:
+    /// the copy engine over the copy backend.
     pub fn executor(mut self, executor: Arc<dyn TaskExecutor>) -> Self {
         self.executor = Some(executor);
         self
@@ -248,9 +257,11 @@ impl TaskCenterBuilder {
             node,
             listen,
             coordination: self.coordination.unwrap_or_else(|| CoordinationConfig::Embedded(EmbeddedServer::new())),
-            data_dir,
+            data_dir: data_dir.clone(),
             transport: self.transport.unwrap_or_else(|| Arc::new(InProcessNetwork::new())),
-            executor: self.executor.unwrap_or_else(|| Arc::new(SimulatedExecutor::default())),
+            executor: self
+                .executor
+                .unwrap_or_else(|| Arc::new(CopyEngine::new(Arc::new(FileBackend::new(data_dir.join("volumes")))))),
             clock: self.clock,
             schedule,
             tasks_per_runner: self.tasks_per_runner,
