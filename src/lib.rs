@@ -69,6 +69,7 @@ pub mod coord;
 pub mod copy;
 pub mod exec;
 pub mod model;
+pub mod net;
 pub mod schedule;
 pub mod store;
 pub mod transport;

@@ -37,6 +37,8 @@ const PASS_DEBOUNCE: Duration = Duration::from_millis(20);
 /// First wait before a refused or failed assignment of a task is tried again; doubles per failure.
 const ASSIGN_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const ASSIGN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the leader checks that every running task still has a claim.
+const CLAIM_AUDIT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long an accepted assignment counts towards its runner's load while the mirror has not
 /// yet seen the task running.
 const ASSIGNED_GRACE: Duration = Duration::from_secs(10);
@@ -127,6 +129,8 @@ pub struct Dispatcher {
     noted: HashMap<TaskId, String>,
     /// When the timer for the earliest window opening fires, Unix milliseconds.
     wake_at: Option<i64>,
+    /// When every running task's claim was last checked.
+    last_audit: Option<Instant>,
     pass_scheduled: bool,
     stop: StopToken,
 }
@@ -144,6 +148,7 @@ impl Dispatcher {
             rescuing: HashSet::new(),
             noted: HashMap::new(),
             wake_at: None,
+            last_audit: None,
             pass_scheduled: false,
             stop: StopToken::new(),
         }
@@ -257,10 +262,18 @@ impl Dispatcher {
             self.wake_at_ms(at, ctx);
         }
 
+        // A running task whose runner vanished goes back to pending once its claim is gone. So
+        // does one whose runner lives but let the claim go (it gave up on an unreachable
+        // ZooKeeper, or re-registered on a new session): those are found by a periodic audit of
+        // every running task's claim.
         let live: HashSet<&NodeId> = runners.iter().map(|r| &r.node).collect();
+        let audit = self.last_audit.is_none_or(|at| now.duration_since(at) >= CLAIM_AUDIT_INTERVAL);
+        if audit {
+            self.last_audit = Some(now);
+        }
         for task in running {
             let Some(owner) = task.status.runner.clone() else { continue };
-            if live.contains(&owner) || !self.rescuing.insert(task.id) {
+            if (live.contains(&owner) && !audit) || !self.rescuing.insert(task.id) {
                 continue;
             }
             let (store, fence, addr, id) = (self.config.store.clone(), fence.clone(), ctx.address(), task.id);

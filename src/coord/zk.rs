@@ -247,8 +247,22 @@ fn map_error(e: zk::Error, path: &str) -> CoordError {
         zk::Error::SessionExpired | zk::Error::ClientClosed => CoordError::SessionExpired,
         zk::Error::Timeout => CoordError::Timeout(format!("ZooKeeper call on {path}")),
         zk::Error::BadArguments(reason) => CoordError::BadPath { path, reason },
+        // A call in flight when the connection broke fails with the I/O error: the connection
+        // is lost, the session may well live on.
+        zk::Error::Custom(custom) if caused_by_io(&custom) => CoordError::ConnectionLoss,
         other => CoordError::Other(other.to_string()),
     }
+}
+
+fn caused_by_io(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<std::io::Error>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn map_stat(s: &zk::Stat) -> Stat {

@@ -232,7 +232,8 @@ pub struct TaskProgress {
     /// The source snapshot the copy reads; fixed at the first start so a resume reads the same
     /// bytes.
     pub source_snapshot: Option<SnapshotId>,
-    /// The whole-volume digest of a verified copy, once finished.
+    /// The digest chain of a verified copy over the extents below the cursor (see
+    /// `copy::engine`); the whole-volume digest once the copy succeeded.
     pub digest: Option<String>,
     /// Copy rate over the current run, bytes per second.
     pub rate_bytes_per_second: u64,

@@ -206,7 +206,7 @@ impl RunWindow {
             for t in [self.start, self.end] {
                 let local = date.at(t.hour as i8, t.minute as i8, 0, 0);
                 let ambiguous = tz.to_ambiguous_timestamp(local);
-                out.extend(ambiguous.clone().earlier().ok());
+                out.extend(ambiguous.earlier().ok());
                 out.extend(ambiguous.later().ok());
             }
         }

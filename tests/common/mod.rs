@@ -1,10 +1,12 @@
 //! Test harness shared by the integration tests: a real ZooKeeper server ([`ZkServer`], one
 //! shared per test binary through [`shared_zk`]), a TCP [`Proxy`] to partition one client from
-//! it, tracing setup and bounded waits.
+//! it, task-server nodes as separate processes ([`node::NodeProcess`]), tracing setup and bounded
+//! waits.
 //!
 //! Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod node;
 pub mod proxy;
 pub mod tasks;
 pub mod zk;

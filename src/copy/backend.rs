@@ -1,0 +1,115 @@
+//! The copy backend: what a storage daemon implements over its own block service so that the
+//! copy engine can read a source volume's snapshot and write a target volume, possibly in another
+//! cluster.
+//!
+//! # Contract
+//!
+//! - Offsets and lengths are bytes. Every range is half-open, `[start, end)`, and lies inside
+//!   the volume (`end <= size`). The engine only asks for ranges aligned to its block size,
+//!   except the last block of a volume whose size is not a multiple of it.
+//! - Errors say whether retrying can help: [`BackendError::Temporary`] (a peer unreachable, a
+//!   volume busy, a timeout) makes the engine retry the step with backoff from its last
+//!   committed progress; [`BackendError::Permanent`] (no such volume, sizes that do not match, no
+//!   space) fails the task with the message as its reason. When unsure, say `Temporary`: the
+//!   engine gives up after a bounded number of attempts anyway.
+//! - Calls may run concurrently (the engine keeps several blocks in flight); implementations
+//!   must be safe for that. Nothing here may block an async thread: use async I/O or
+//!   `spawn_blocking`.
+//! - Snapshots are immutable once created. Creating a snapshot that exists already succeeds and
+//!   changes nothing (a resumed task asks again).
+//! - `write`, `write_zeroes` and `punch_hole` need not be durable until `flush` returns; the
+//!   engine flushes before it commits progress past the data.
+//!
+//! The crate ships [`FileBackend`](super::FileBackend) (sparse image files) and
+//! [`MemoryBackend`](super::MemoryBackend) (in memory, for tests). This module names no
+//! implementation.
+
+use std::ops::Range;
+
+use async_trait::async_trait;
+
+use crate::model::{SnapshotId, VolumeId};
+
+/// Why a backend call failed, and whether retrying can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// Retrying later may succeed.
+    #[error("temporary: {0}")]
+    Temporary(String),
+    /// Retrying cannot help; the task fails with this reason.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Result of a backend call.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Where a volume lives: the block service's endpoints and the volume's id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VolumeRef {
+    /// Endpoints of the block service (the task's `source_hosts` or `target_hosts`).
+    pub hosts: Vec<String>,
+    /// The volume.
+    pub volume: VolumeId,
+}
+
+/// Opens volumes and snapshots, and takes snapshots.
+#[async_trait]
+pub trait CopyBackend: Send + Sync + 'static {
+    /// Takes snapshot `snapshot` of the volume (no-op if it exists). The source is snapshotted
+    /// before a copy starts; the target after a copy succeeds, under the same name, so that the
+    /// next copy can use it as its base.
+    async fn create_snapshot(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<()>;
+
+    /// Whether the snapshot exists.
+    async fn snapshot_exists(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<bool>;
+
+    /// Opens a snapshot of a volume for reading.
+    async fn open_snapshot(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<Box<dyn ReadVolume>>;
+
+    /// Opens a volume for writing (and reading, for the target-diff mode).
+    async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>>;
+
+    /// The ranges of `range` in which snapshot `to` may differ from snapshot `from` of the same
+    /// volume (like `rbd diff --from-snap`), sorted and disjoint; `Ok(None)` if the backend cannot
+    /// tell, in which case the engine compares the blocks itself. Reporting more than what
+    /// changed is allowed; reporting less is not.
+    async fn changed_ranges(
+        &self,
+        volume: &VolumeRef,
+        from: &SnapshotId,
+        to: &SnapshotId,
+        range: Range<u64>,
+    ) -> BackendResult<Option<Vec<Range<u64>>>> {
+        let _ = (volume, from, to, range);
+        Ok(None)
+    }
+}
+
+/// A readable volume or snapshot.
+#[async_trait]
+pub trait ReadVolume: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// The allocated ranges within `range`, sorted and disjoint. Bytes outside them read as
+    /// zero. Reporting more than what is allocated is allowed (the engine still skips zeroes).
+    async fn allocated(&self, range: Range<u64>) -> BackendResult<Vec<Range<u64>>>;
+
+    /// Fills `buf` with the `buf.len()` bytes at `offset` and hands it back (so the engine can
+    /// reuse its buffers).
+    async fn read(&self, offset: u64, buf: Vec<u8>) -> BackendResult<Vec<u8>>;
+}
+
+/// A writable volume.
+#[async_trait]
+pub trait WriteVolume: ReadVolume {
+    /// Writes `data` at `offset` and hands the buffer back.
+    async fn write(&self, offset: u64, data: Vec<u8>) -> BackendResult<Vec<u8>>;
+
+    /// Makes `range` read as zeroes, deallocating it where the backend can (punching a hole).
+    async fn zero(&self, range: Range<u64>) -> BackendResult<()>;
+
+    /// Makes every write so far durable.
+    async fn flush(&self) -> BackendResult<()>;
+}

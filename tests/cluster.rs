@@ -1,0 +1,1162 @@
+//! The task center as it runs in production: task servers as separate OS processes (the
+//! `task_server` example binary) coordinated through a real ZooKeeper, killed with SIGKILL,
+//! cut off from ZooKeeper, and outliving ZooKeeper outages.
+//!
+//! The test process watches the cluster through its own ZooKeeper session on the cluster's
+//! chroot (ZooKeeper is the truth: tasks are read with [`TaskStore`]) and talks to the nodes
+//! over TCP as `taskctl` does, with the cluster secret. A [`TaskLog`] follows `/tasks` through a
+//! persistent recursive watch, so the order of claims, status changes and progress writes of
+//! every task can be checked after the fact (one owner at a time, a cursor that never goes back).
+//!
+//! Each scenario uses its own chroot on the shared ZooKeeper, except the outages, which stop and
+//! restart a private server. Every wait follows a ZooKeeper watch or a process event; the only
+//! sleep is the length of a ZooKeeper outage, which is the event itself.
+//!
+//! Tasks run on the daemon's simulated executor: 40 steps of 100 ms, 1 MiB each, progress
+//! committed after every step, so a task runs about 4 s and a resumed task's counters add up to
+//! the total only if it resumed from its last committed progress.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::node::{example_binary, NodeConfig, NodeProcess};
+use common::tasks::{wait_state, wait_task};
+use common::{init_tracing, shared_zk, step, unique_chroot, wait_status, within, Proxy, ZkServer};
+use futures::StreamExt;
+use task_center::actors::{current_leader, LeaderInfo};
+use task_center::api::{ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest};
+use task_center::clock::SystemClock;
+use task_center::coord::{
+    CoordError, Coordination, EventKind, SessionState, Stat, Version, WatchEvent, ZkConfig, ZkCoordination,
+};
+use task_center::model::{
+    CopyOptions, CopyVolumeSpec, DesiredState, RunWindow, Task, TaskId, TaskProgress, TaskSpec, TaskState, TaskStatus,
+    TimeOfDay, VolumeId,
+};
+use task_center::store::layout::{self, TaskPath};
+use task_center::store::TaskStore;
+use task_center::transport::{TcpConfig, TcpTransport, Transport};
+
+/// The cluster secret every node and the test share.
+const SECRET: &str = "cluster-test-secret-0123456789ab";
+/// Steps of a simulated task, their length, and the bytes one step stands for (the daemon's
+/// simulated executor counts 1 MiB per step).
+const SIM_STEPS: u64 = 40;
+const SIM_STEP_MS: u64 = 100;
+const UNIT_BYTES: u64 = 1 << 20;
+const TOTAL_BYTES: u64 = SIM_STEPS * UNIT_BYTES;
+/// Session timeout of the nodes: a dead node's claims vanish this long after its death.
+const SESSION_MS: u64 = 4_000;
+/// Session timeout of the test's own observer session: long enough to outlive every outage.
+const OBSERVER_SESSION_MS: u64 = 30_000;
+const SWEEP_MS: u64 = 500;
+
+/// Hang guard for one wait on the cluster (a leader, a task's state).
+const WAIT: Duration = Duration::from_secs(30);
+/// Hang guard for a whole scenario.
+const CASE: Duration = Duration::from_secs(150);
+/// Hang guard for one client call (a follower forwards for up to 30 s while electing).
+const CALL: Duration = Duration::from_secs(40);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn spec(n: usize) -> TaskSpec {
+    TaskSpec::CopyVolume(CopyVolumeSpec {
+        source_volume: VolumeId::new(format!("src-{n}")).unwrap(),
+        target_volume: VolumeId::new(format!("dst-{n}")).unwrap(),
+        source_hosts: vec!["198.51.100.1:10201".into()],
+        target_hosts: vec!["203.0.113.1:10201".into()],
+        base_snapshot: None,
+        options: CopyOptions::default(),
+    })
+}
+
+fn node_config(id: &str, zookeeper: &str, session_timeout_ms: u64, tasks_per_runner: u32) -> NodeConfig {
+    NodeConfig {
+        session_timeout_ms: Some(session_timeout_ms),
+        tasks_per_runner: Some(tasks_per_runner),
+        sweep_interval_ms: Some(SWEEP_MS),
+        sim_steps: Some(SIM_STEPS),
+        sim_step_ms: Some(SIM_STEP_MS),
+        ..NodeConfig::new(id, zookeeper, SECRET)
+    }
+}
+
+/// Starts the nodes one after the other (the first one started usually leads).
+async fn start_nodes(configs: &[NodeConfig]) -> Vec<NodeProcess> {
+    let mut nodes = Vec::new();
+    for config in configs {
+        nodes.push(NodeProcess::start(config).await);
+    }
+    nodes
+}
+
+fn node<'a>(nodes: &'a mut [NodeProcess], id: &str) -> &'a mut NodeProcess {
+    nodes.iter_mut().find(|n| n.node_id() == id).unwrap_or_else(|| panic!("no node {id}"))
+}
+
+fn runner_of(task: &Task) -> String {
+    task.status.runner.as_ref().map(|r| r.to_string()).unwrap_or_default()
+}
+
+/// Waits for the session to be connected again after a transient error; panics on other errors.
+async fn on_error(coord: &dyn Coordination, what: &str, e: CoordError) {
+    if !e.is_transient() {
+        panic!("{what}: {e}");
+    }
+    let mut session = coord.subscribe();
+    let _ = session.wait_for(|s| s.state == SessionState::Connected).await;
+}
+
+/// The test's view of the cluster: its own ZooKeeper session on the chroot, the task store over
+/// it, and a TCP transport with the cluster secret.
+struct Observer {
+    coord: Arc<ZkCoordination>,
+    store: TaskStore,
+    transport: TcpTransport,
+}
+
+impl Observer {
+    async fn connect(connect: &str) -> Observer {
+        let mut config = ZkConfig::new(connect);
+        config.session_timeout_ms = OBSERVER_SESSION_MS;
+        let coord = match step("the observer connects", ZkCoordination::connect(config)).await {
+            Ok(coord) => Arc::new(coord),
+            Err(e) => panic!("the observer cannot connect to {connect}: {e}"),
+        };
+        let store = TaskStore::new(coord.clone(), Arc::new(SystemClock));
+        step("create the layout", store.init()).await.expect("create the layout");
+        let transport = TcpTransport::new(TcpConfig::new(SECRET.as_bytes().to_vec())).expect("a valid TCP config");
+        Observer { coord, store, transport }
+    }
+
+    fn coord(&self) -> &dyn Coordination {
+        self.coord.as_ref()
+    }
+
+    /// Sends a client request to the node at `address`, as `taskctl` does.
+    async fn request(&self, address: &str, request: ClientRequest) -> Result<ClientReply, ApiError> {
+        call(&self.transport, address, request).await
+    }
+
+    /// A request whose answer must be one task.
+    async fn task_request(&self, address: &str, request: ClientRequest) -> Task {
+        let what = format!("{request:?} through {address}");
+        match self.request(address, request).await {
+            Ok(ClientReply::Task(task)) => task,
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+
+    /// Creates task number `n` through the node at `address`; returns the answer.
+    async fn create(&self, address: &str, n: usize) -> Task {
+        let id = TaskId::generate();
+        let task = self.task_request(address, ClientRequest::Create { id, spec: spec(n), run_window: None }).await;
+        assert_eq!(task.id, id, "the create answer is about another task");
+        task
+    }
+
+    /// One task as stored in ZooKeeper.
+    async fn task(&self, id: TaskId) -> Task {
+        match step("read a task from ZooKeeper", self.store.get(&id)).await {
+            Ok(task) => task,
+            Err(e) => panic!("cannot read task {id} from ZooKeeper: {e}"),
+        }
+    }
+
+    /// A task's progress record and its version, as stored.
+    async fn progress(&self, id: TaskId) -> (TaskProgress, Version) {
+        let (data, stat) = step("read progress", self.coord.get(&layout::progress(&id))).await.expect("read progress");
+        (serde_json::from_slice(&data).expect("decode progress"), stat.version)
+    }
+
+    /// The holder of a task's claim (the lowest claim node): its path and its runner.
+    async fn claim(&self, id: TaskId) -> Option<(String, String)> {
+        let locks = layout::locks(&id);
+        let mut names = step("list claims", self.coord.children(&locks)).await.expect("list claims");
+        layout::sort_by_sequence(&mut names);
+        for name in names {
+            let path = format!("{locks}/{name}");
+            match step("read a claim", self.coord.get(&path)).await {
+                Ok((data, _)) => return Some((path, String::from_utf8_lossy(&data).into_owned())),
+                Err(CoordError::NoNode { .. }) => continue,
+                Err(e) => panic!("read claim {path}: {e}"),
+            }
+        }
+        None
+    }
+
+    /// Waits (through a children watch on `/election`) until the leader satisfies `pred`.
+    async fn wait_leader(&self, what: &str, pred: impl Fn(&LeaderInfo) -> bool) -> LeaderInfo {
+        within(WAIT, what, async {
+            loop {
+                let watch = match self.coord.children_watch(layout::ELECTION).await {
+                    Ok((_, watch)) => watch,
+                    Err(e) => {
+                        on_error(self.coord(), "watch /election", e).await;
+                        continue;
+                    }
+                };
+                match current_leader(self.coord()).await {
+                    Ok(Some(leader)) if pred(&leader) => return leader,
+                    Ok(_) => {}
+                    Err(e) => {
+                        on_error(self.coord(), "read the leader", e).await;
+                        continue;
+                    }
+                }
+                watch.await;
+            }
+        })
+        .await
+    }
+
+    /// Waits (through a children watch) until the children of `path` satisfy `pred`.
+    async fn wait_children(&self, path: &str, what: &str, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+        within(WAIT, what, async {
+            loop {
+                match self.coord.children_watch(path).await {
+                    Ok((names, _)) if pred(&names) => return names,
+                    Ok((_, watch)) => {
+                        watch.await;
+                    }
+                    Err(e) => on_error(self.coord(), path, e).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits until every node runs its runner.
+    async fn wait_runners(&self, count: usize) {
+        self.wait_children(layout::RUNNERS, "every runner registers", |names| names.len() == count).await;
+    }
+
+    /// Waits (through an exists watch) until the node at `path` satisfies `pred`.
+    async fn wait_node(&self, path: &str, what: &str, pred: impl Fn(Option<&Stat>) -> bool) -> Option<Stat> {
+        within(WAIT, what, async {
+            loop {
+                match self.coord.exists_watch(path).await {
+                    Ok((stat, _)) if pred(stat.as_ref()) => return stat,
+                    Ok((_, watch)) => {
+                        watch.await;
+                    }
+                    Err(e) => on_error(self.coord(), path, e).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits (through an exists watch on the progress record) until a task's committed progress
+    /// satisfies `pred`.
+    async fn wait_progress(&self, id: TaskId, what: &str, pred: impl Fn(&TaskProgress) -> bool) -> TaskProgress {
+        let path = layout::progress(&id);
+        within(WAIT, what, async {
+            loop {
+                match self.coord.exists_watch(&path).await {
+                    Ok((Some(_), watch)) => {
+                        let (progress, _) = self.progress(id).await;
+                        if pred(&progress) {
+                            return progress;
+                        }
+                        watch.await;
+                    }
+                    Ok((None, watch)) => {
+                        watch.await;
+                    }
+                    Err(e) => on_error(self.coord(), &path, e).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits (through watches on their status records) until every task in `tasks` has
+    /// succeeded, `timeout` in all. On timeout, panics with where a late task stands: its status,
+    /// its claim and the session holding it, and its runner's registration.
+    async fn wait_all_succeeded(&self, tasks: &[Task], timeout: Duration) {
+        let all = async {
+            for task in tasks {
+                // The harness's own guard is longer: the one above fires first, with the diagnosis.
+                wait_state(self.coord(), task.id, TaskState::Succeeded, timeout + WAIT).await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_ok() {
+            return;
+        }
+        let mut late = Vec::new();
+        for task in tasks {
+            let task = self.task(task.id).await;
+            if task.state() != TaskState::Succeeded {
+                late.push(self.diagnose(&task).await);
+            }
+        }
+        panic!("tasks did not succeed within {timeout:?}:\n{}", late.join("\n"));
+    }
+
+    /// Where a task stands, for a failure message.
+    async fn diagnose(&self, task: &Task) -> String {
+        let session = |stat: Option<Stat>| stat.map_or("none".to_string(), |s| format!("{:#x}", s.ephemeral_owner));
+        let claim = match self.claim(task.id).await {
+            Some((path, holder)) => {
+                let owner = session(self.coord.exists(&path).await.ok().flatten());
+                format!("claimed by {holder} (session {owner})")
+            }
+            None => "no claim".to_string(),
+        };
+        let registration = match &task.status.runner {
+            Some(runner) => {
+                let owner = session(self.coord.exists(&layout::runner(runner)).await.ok().flatten());
+                format!("runner {runner} registered by session {owner}")
+            }
+            None => "no runner".to_string(),
+        };
+        format!(
+            "  task {}: {} on {:?} (attempt {}), cursor {} of {}; {claim}; {registration}",
+            task.id,
+            task.state(),
+            task.status.runner.as_ref().map(|r| r.as_str()),
+            task.status.attempts,
+            task.progress.cursor_bytes,
+            TOTAL_BYTES
+        )
+    }
+}
+
+/// One client call over TCP; a transport failure is a test failure.
+async fn call(transport: &TcpTransport, address: &str, request: ClientRequest) -> Result<ClientReply, ApiError> {
+    match transport.call(address, PeerRequest::Client(request.clone()), CALL).await {
+        Ok(PeerReply::Client(result)) => result,
+        Ok(other) => panic!("{address} answered {request:?} with {other:?}"),
+        Err(e) => panic!("{address} did not answer {request:?}: {e}"),
+    }
+}
+
+/// Every record of `/tasks`, in the order ZooKeeper changed them, as seen through one persistent
+/// recursive watch of the observer's session. Status and progress records are read at each of
+/// their events (a sample: a read may already see a later write, never an earlier one).
+struct TaskLog {
+    state: Arc<Mutex<LogState>>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct LogState {
+    events: Vec<WatchEvent>,
+    progress: Vec<(TaskId, Version, TaskProgress)>,
+    status: Vec<(TaskId, Version, TaskStatus)>,
+    /// `Resync` or `SessionLost`: events may be missing from here on.
+    gaps: Vec<EventKind>,
+}
+
+impl TaskLog {
+    async fn start(observer: &Observer) -> TaskLog {
+        let mut tree = step("watch /tasks", observer.coord.watch_tree(layout::TASKS)).await.expect("watch /tasks");
+        let coord = observer.coord.clone();
+        let state = Arc::new(Mutex::new(LogState::default()));
+        let log = state.clone();
+        let follower = tokio::spawn(async move {
+            while let Some(event) = tree.next().await {
+                let (kind, path) = (event.kind, event.path.clone());
+                log.lock().unwrap().events.push(event);
+                if matches!(kind, EventKind::Resync | EventKind::SessionLost) {
+                    log.lock().unwrap().gaps.push(kind);
+                    continue;
+                }
+                if !matches!(kind, EventKind::Created | EventKind::DataChanged) {
+                    continue;
+                }
+                match layout::parse_task_path(&path) {
+                    Some(TaskPath::Progress(id)) => {
+                        if let Ok((data, stat)) = coord.get(&path).await {
+                            let progress = serde_json::from_slice(&data).expect("decode progress");
+                            log.lock().unwrap().progress.push((id, stat.version, progress));
+                        }
+                    }
+                    Some(TaskPath::Status(id)) => {
+                        if let Ok((data, stat)) = coord.get(&path).await {
+                            let status = serde_json::from_slice(&data).expect("decode status");
+                            log.lock().unwrap().status.push((id, stat.version, status));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        TaskLog { state, follower }
+    }
+
+    fn gaps(&self) -> Vec<EventKind> {
+        self.state.lock().unwrap().gaps.clone()
+    }
+
+    /// The events about one task, in order.
+    fn events(&self, id: TaskId) -> Vec<WatchEvent> {
+        let prefix = layout::task(&id);
+        let state = self.state.lock().unwrap();
+        state.events.iter().filter(|e| e.path == prefix || e.path.starts_with(&format!("{prefix}/"))).cloned().collect()
+    }
+
+    /// Progress samples of one task, by version.
+    fn progress(&self, id: TaskId) -> Vec<(Version, TaskProgress)> {
+        let state = self.state.lock().unwrap();
+        let mut samples: Vec<_> =
+            state.progress.iter().filter(|(i, _, _)| *i == id).map(|(_, v, p)| (*v, p.clone())).collect();
+        samples.sort_by_key(|(v, _)| *v);
+        samples.dedup_by_key(|(v, _)| *v);
+        samples
+    }
+
+    /// Status samples of one task, by version.
+    fn statuses(&self, id: TaskId) -> Vec<(Version, TaskStatus)> {
+        let state = self.state.lock().unwrap();
+        let mut samples: Vec<_> =
+            state.status.iter().filter(|(i, _, _)| *i == id).map(|(_, v, s)| (*v, s.clone())).collect();
+        samples.sort_by_key(|(v, _)| *v);
+        samples.dedup_by_key(|(v, _)| *v);
+        samples
+    }
+
+    /// The committed cursor never went back, and after the write at version `from.0` it never
+    /// fell below `from.1`.
+    fn assert_cursor_never_back(&self, id: TaskId, from: Option<(Version, u64)>) {
+        let samples = self.progress(id);
+        assert!(!samples.is_empty(), "no progress of task {id} was seen");
+        for pair in samples.windows(2) {
+            let ((v0, p0), (v1, p1)) = (&pair[0], &pair[1]);
+            assert!(
+                p1.cursor_bytes >= p0.cursor_bytes,
+                "task {id}: the cursor went back from {} (version {v0}) to {} (version {v1})",
+                p0.cursor_bytes,
+                p1.cursor_bytes
+            );
+        }
+        if let Some((version, cursor)) = from {
+            let after: Vec<_> = samples.iter().filter(|(v, _)| *v > version).collect();
+            assert!(!after.is_empty(), "task {id}: no progress was committed after version {version}");
+            for (v, p) in after {
+                assert!(
+                    p.cursor_bytes >= cursor,
+                    "task {id}: the resumed run committed cursor {} (version {v}), behind the last committed {cursor}",
+                    p.cursor_bytes
+                );
+            }
+        }
+    }
+
+    /// One owner at a time: `old_claim` vanished before the next claim of the task was created,
+    /// and no progress was written between the two. Returns the new claim's path.
+    fn assert_handover(&self, id: TaskId, old_claim: &str) -> String {
+        let events = self.events(id);
+        let progress = layout::progress(&id);
+        let claims = format!("{}/{}", layout::locks(&id), layout::CLAIM_PREFIX);
+        let deleted = events
+            .iter()
+            .position(|e| e.kind == EventKind::Deleted && e.path == old_claim)
+            .unwrap_or_else(|| panic!("task {id}: the deletion of the old claim {old_claim} was not seen"));
+        let created = events[deleted..]
+            .iter()
+            .position(|e| e.kind == EventKind::Created && e.path.starts_with(&claims))
+            .map(|i| i + deleted)
+            .unwrap_or_else(|| panic!("task {id}: no claim after the old one vanished: {:?}", &events[deleted..]));
+        let writes: Vec<_> = events[deleted..created]
+            .iter()
+            .filter(|e| e.kind == EventKind::DataChanged && e.path == progress)
+            .collect();
+        assert!(writes.is_empty(), "task {id}: progress written while nobody held its claim: {writes:?}");
+        events[created].path.clone()
+    }
+
+    /// The task left `victim` through pending: after its status at `running_version` (running on
+    /// `victim`, first attempt), the next running status is another runner's second attempt,
+    /// and everything in between is pending.
+    fn assert_rescued_through_pending(&self, id: TaskId, victim: &str, running_version: Version) {
+        let samples = self.statuses(id);
+        let second = samples
+            .iter()
+            .find(|(v, s)| *v > running_version && s.state == TaskState::Running)
+            .unwrap_or_else(|| panic!("task {id}: never ran again after version {running_version}: {samples:?}"));
+        assert_eq!(second.1.attempts, 2, "task {id}: the rerun is not the second attempt: {samples:?}");
+        assert_ne!(second.1.runner.as_ref().map(|r| r.as_str()), Some(victim), "task {id} ran on the dead runner");
+        let between: Vec<_> = samples.iter().filter(|(v, _)| *v > running_version && *v < second.0).collect();
+        for (v, s) in &between {
+            assert_eq!(s.state, TaskState::Pending, "task {id}: status version {v} between two runs: {s:?}");
+        }
+        if between.is_empty() {
+            // The pending status was overwritten before the log read it. The transition table
+            // allows running -> running only through pending, so one write in between must be it.
+            assert_eq!(second.0, running_version + 2, "task {id}: writes between two runs were missed: {samples:?}");
+        }
+    }
+}
+
+impl Drop for TaskLog {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// A task that ran to the end, exactly once over its whole life: every byte counted once.
+fn assert_finished_exactly(task: &Task) {
+    let id = task.id;
+    assert_eq!(task.state(), TaskState::Succeeded, "task {id}: {:?}", task.status);
+    assert_eq!(task.progress.total_bytes, Some(TOTAL_BYTES), "task {id}: total");
+    assert_eq!(task.progress.cursor_bytes, TOTAL_BYTES, "task {id}: the cursor is not at the end");
+    assert_eq!(
+        task.progress.counters.bytes_copied, TOTAL_BYTES,
+        "task {id}: bytes copied over all runs differ from the total: a run did not resume from the committed \
+         progress"
+    );
+}
+
+/// Invariant 4 at the end of a scenario: the tasks in ZooKeeper are exactly the accepted ones,
+/// each created once (its incarnation is the one the create answer gave), and each is terminal,
+/// pending, or running with its runner holding the claim.
+async fn assert_accounted(observer: &Observer, accepted: &[Task]) {
+    let stored: BTreeSet<TaskId> =
+        step("list task ids", observer.store.list_ids()).await.expect("list task ids").into_iter().collect();
+    let expected: BTreeSet<TaskId> = accepted.iter().map(|t| t.id).collect();
+    assert_eq!(expected.len(), accepted.len(), "an id was accepted twice");
+    assert_eq!(stored, expected, "the tasks in ZooKeeper are not the accepted ones");
+    for answer in accepted {
+        let task = observer.task(answer.id).await;
+        if answer.versions.incarnation != 0 {
+            assert_eq!(task.versions.incarnation, answer.versions.incarnation, "task {} was created again", task.id);
+        }
+        match task.state() {
+            s if s.is_terminal() => {}
+            TaskState::Pending => {}
+            TaskState::Running => {
+                let holder = observer.claim(task.id).await.map(|(_, holder)| holder);
+                assert_eq!(
+                    holder.as_deref(),
+                    task.status.runner.as_ref().map(|r| r.as_str()),
+                    "task {} says it runs on {:?} but that runner holds no claim on it",
+                    task.id,
+                    task.status.runner
+                );
+            }
+            other => panic!("task {} ended {other}: {:?}", task.id, task.status),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The leader is killed while tasks run
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_the_leader_while_tasks_run() {
+    init_tracing();
+    within(CASE, "kill -9 the leader while tasks run", async {
+        let connect = shared_zk().connect_string(&unique_chroot("kill-9-leader"));
+        let observer = Observer::connect(&connect).await;
+        let log = TaskLog::start(&observer).await;
+        let configs: Vec<_> = ["n1", "n2", "n3"].iter().map(|n| node_config(n, &connect, SESSION_MS, 4)).collect();
+        let mut nodes = start_nodes(&configs).await;
+        observer.wait_runners(3).await;
+        let leader = observer.wait_leader("a first leader", |_| true).await;
+        let leader_id = leader.node.to_string();
+        let follower = nodes.iter().find(|n| n.node_id() != leader_id).unwrap().address().to_string();
+
+        let mut accepted = Vec::new();
+        for n in 0..9 {
+            accepted.push(observer.create(&follower, n).await);
+        }
+        for task in &accepted {
+            wait_state(observer.coord(), task.id, TaskState::Running, WAIT).await;
+        }
+        let mut before = Vec::new();
+        for task in &accepted {
+            before.push(observer.task(task.id).await);
+        }
+        let doomed: Vec<TaskId> = before.iter().filter(|t| runner_of(t) == leader_id).map(|t| t.id).collect();
+        let spread: Vec<String> = before.iter().map(runner_of).collect();
+        assert!(!doomed.is_empty(), "the leader's runner got none of the tasks: {spread:?}");
+        let mut claims = HashMap::new();
+        for id in &doomed {
+            observer.wait_progress(*id, "the leader's tasks make progress", |p| p.cursor_bytes >= 5 * UNIT_BYTES).await;
+            let (claim, holder) = observer.claim(*id).await.expect("a running task is claimed");
+            assert_eq!(holder, leader_id);
+            claims.insert(*id, claim);
+        }
+
+        node(&mut nodes, &leader_id).kill_9();
+        // The dead node's last committed progress. (A write it sent just before dying may still
+        // land after this read; it can only move the cursor forward.)
+        let mut committed = HashMap::new();
+        for id in &doomed {
+            let (progress, version) = observer.progress(*id).await;
+            assert!(progress.cursor_bytes < TOTAL_BYTES, "task {id} finished before the kill");
+            committed.insert(*id, (version, progress.cursor_bytes));
+        }
+
+        let new_leader = observer.wait_leader("a new leader", |l| l.node.as_str() != leader_id).await;
+        let survivors: Vec<&NodeProcess> = nodes.iter().filter(|n| n.node_id() != leader_id).collect();
+        assert!(survivors.iter().any(|n| n.node_id() == new_leader.node.as_str()), "{new_leader:?} is not a survivor");
+        // The new leader serves new requests, also those its follower forwards.
+        let other = survivors.iter().find(|n| n.node_id() != new_leader.node.as_str()).unwrap();
+        let late = observer.create(other.address(), 100).await;
+        accepted.push(late.clone());
+        let direct = observer.create(&new_leader.address, 101).await;
+        accepted.push(direct.clone());
+
+        observer.wait_all_succeeded(&accepted, WAIT).await;
+        for earlier in &before {
+            let id = earlier.id;
+            let task = observer.task(id).await;
+            assert_finished_exactly(&task);
+            if doomed.contains(&id) {
+                assert_eq!(task.status.attempts, 2, "task {id} of the dead runner: {:?}", task.status);
+                assert_ne!(runner_of(&task), leader_id);
+                log.assert_handover(id, &claims[&id]);
+                log.assert_rescued_through_pending(id, &leader_id, earlier.versions.status);
+                log.assert_cursor_never_back(id, Some(committed[&id]));
+            } else {
+                assert_eq!(task.status.attempts, 1, "task {id} on a surviving runner was disturbed: {:?}", task.status);
+                assert_eq!(task.status.runner, earlier.status.runner, "task {id} moved");
+                log.assert_cursor_never_back(id, None);
+            }
+        }
+        for created in [&late, &direct] {
+            let task = observer.task(created.id).await;
+            assert_finished_exactly(&task);
+            assert_eq!(task.status.attempts, 1);
+        }
+        assert_accounted(&observer, &accepted).await;
+        assert!(log.gaps().is_empty(), "the observer's watch missed events: {:?}", log.gaps());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A runner is killed in the middle of a task
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_runner_mid_task() {
+    init_tracing();
+    within(CASE, "kill -9 a runner mid-task", async {
+        let connect = shared_zk().connect_string(&unique_chroot("kill-9-runner"));
+        let observer = Observer::connect(&connect).await;
+        let log = TaskLog::start(&observer).await;
+        let configs: Vec<_> = ["n1", "n2", "n3"].iter().map(|n| node_config(n, &connect, SESSION_MS, 2)).collect();
+        let mut nodes = start_nodes(&configs).await;
+        observer.wait_runners(3).await;
+        let leader = observer.wait_leader("a leader", |_| true).await;
+        let leader_id = leader.node.to_string();
+        let follower = nodes.iter().find(|n| n.node_id() != leader_id).unwrap().address().to_string();
+
+        let mut accepted = Vec::new();
+        for n in 0..4 {
+            accepted.push(observer.create(&follower, n).await);
+        }
+        for task in &accepted {
+            wait_state(observer.coord(), task.id, TaskState::Running, WAIT).await;
+        }
+        let mut before = Vec::new();
+        for task in &accepted {
+            before.push(observer.task(task.id).await);
+        }
+        let victim = before.iter().map(runner_of).find(|r| *r != leader_id).unwrap_or_else(|| {
+            panic!("only the leader runs tasks: {:?}", before.iter().map(runner_of).collect::<Vec<_>>())
+        });
+        let victims: Vec<TaskId> = before.iter().filter(|t| runner_of(t) == victim).map(|t| t.id).collect();
+        let mut claims = HashMap::new();
+        for id in &victims {
+            observer.wait_progress(*id, "the victim's tasks make progress", |p| p.cursor_bytes >= 5 * UNIT_BYTES).await;
+            let (claim, holder) = observer.claim(*id).await.expect("a running task is claimed");
+            assert_eq!(holder, victim);
+            claims.insert(*id, claim);
+        }
+
+        node(&mut nodes, &victim).kill_9();
+        let mut committed = HashMap::new();
+        for id in &victims {
+            let (progress, version) = observer.progress(*id).await;
+            assert!(progress.cursor_bytes < TOTAL_BYTES, "task {id} finished before the kill");
+            committed.insert(*id, (version, progress.cursor_bytes));
+        }
+        // Its session expires after the timeout: the registration goes, with every claim.
+        observer
+            .wait_node(&layout::runner(&victim.parse().unwrap()), "the victim's session expires", |s| s.is_none())
+            .await;
+
+        observer.wait_all_succeeded(&accepted, WAIT).await;
+        for earlier in &before {
+            let id = earlier.id;
+            let task = observer.task(id).await;
+            assert_finished_exactly(&task);
+            if victims.contains(&id) {
+                assert_eq!(task.status.attempts, 2, "task {id} of the dead runner: {:?}", task.status);
+                assert_ne!(runner_of(&task), victim);
+                log.assert_handover(id, &claims[&id]);
+                log.assert_rescued_through_pending(id, &victim, earlier.versions.status);
+                log.assert_cursor_never_back(id, Some(committed[&id]));
+            } else {
+                assert_eq!(task.status.attempts, 1, "task {id} on a surviving runner was disturbed: {:?}", task.status);
+                log.assert_cursor_never_back(id, None);
+            }
+        }
+        let still = observer.wait_leader("the leader", |_| true).await;
+        assert_eq!(still.node, leader.node, "the leader changed although only a follower died");
+        assert_accounted(&observer, &accepted).await;
+        assert!(log.gaps().is_empty(), "the observer's watch missed events: {:?}", log.gaps());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A runner cut off from ZooKeeper until its session expires
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_runner_stops_writing() {
+    init_tracing();
+    within(CASE, "an expired runner stops writing", async {
+        let zk = shared_zk();
+        let chroot = unique_chroot("expired-runner");
+        let connect = zk.connect_string(&chroot);
+        let proxy = Proxy::start(zk.port());
+        let observer = Observer::connect(&connect).await;
+        let log = TaskLog::start(&observer).await;
+        // n1 starts first and leads; n2, the one to be cut off, is a runner only.
+        let mut nodes = start_nodes(&[node_config("n1", &connect, SESSION_MS, 2)]).await;
+        observer.wait_leader("n1 leads", |l| l.node.as_str() == "n1").await;
+        let cut_config = node_config("n2", &proxy.connect_string(&chroot), 2_000, 2);
+        nodes.extend(start_nodes(&[cut_config, node_config("n3", &connect, SESSION_MS, 2)]).await);
+        observer.wait_runners(3).await;
+        let n3 = node(&mut nodes, "n3").address().to_string();
+
+        let mut accepted = Vec::new();
+        for n in 0..3 {
+            accepted.push(observer.create(&n3, n).await);
+        }
+        for task in &accepted {
+            wait_state(observer.coord(), task.id, TaskState::Running, WAIT).await;
+        }
+        let mut before = Vec::new();
+        for task in &accepted {
+            before.push(observer.task(task.id).await);
+        }
+        let spread: Vec<String> = before.iter().map(runner_of).collect();
+        let target =
+            before.iter().find(|t| runner_of(t) == "n2").unwrap_or_else(|| panic!("n2 runs nothing: {spread:?}"));
+        let id = target.id;
+        observer.wait_progress(id, "n2 makes progress", |p| p.cursor_bytes >= 3 * UNIT_BYTES).await;
+        let (claim, holder) = observer.claim(id).await.expect("a running task is claimed");
+        assert_eq!(holder, "n2");
+        let registration = layout::runner(&"n2".parse().unwrap());
+        let old_session =
+            observer.coord.exists(&registration).await.unwrap().expect("n2 is registered").ephemeral_owner;
+
+        tokio::task::block_in_place(|| proxy.block());
+        // The server expires n2's session: its claim vanishes (and its registration with it).
+        observer.wait_node(&claim, "n2's session expires", |s| s.is_none()).await;
+        let (progress, version) = observer.progress(id).await;
+        // The task goes back to pending and runs on another runner while n2 is still cut off.
+        let rerun = wait_task(observer.coord(), id, WAIT, |s| s.state == TaskState::Running && s.attempts == 2).await;
+        assert_ne!(rerun.runner.as_ref().map(|r| r.as_str()), Some("n2"));
+        tokio::task::block_in_place(|| proxy.unblock());
+
+        // n2 comes back with a new session and registers again; it was never killed.
+        observer
+            .wait_node(&registration, "n2 registers again", |s| s.is_some_and(|s| s.ephemeral_owner != old_session))
+            .await;
+        assert!(node(&mut nodes, "n2").is_alive(), "the partitioned node died");
+        let cut = node(&mut nodes, "n2").address().to_string();
+        let shown = observer.task_request(&cut, ClientRequest::Show { id }).await;
+        assert_eq!(shown.id, id);
+
+        observer.wait_all_succeeded(&accepted, WAIT).await;
+        let task = observer.task(id).await;
+        assert_finished_exactly(&task);
+        assert_eq!(task.status.attempts, 2);
+        assert_eq!(task.status.runner, rerun.runner, "the task changed runner again");
+        // Every progress write after the expiry came from the new claim holder: none between the
+        // old claim's deletion and the new claim; after it, a write of n2 would have made the new
+        // runner's next version-checked commit fail (and the task would not have succeeded with
+        // counters adding up).
+        log.assert_handover(id, &claim);
+        log.assert_rescued_through_pending(id, "n2", target.versions.status);
+        log.assert_cursor_never_back(id, Some((version, progress.cursor_bytes)));
+        for earlier in before.iter().filter(|t| t.id != id) {
+            let other = observer.task(earlier.id).await;
+            assert_finished_exactly(&other);
+            assert_eq!(other.status.attempts, 1, "task {} was disturbed: {:?}", other.id, other.status);
+        }
+        assert!(node(&mut nodes, "n2").is_alive(), "the partitioned node died");
+        assert_accounted(&observer, &accepted).await;
+        assert!(log.gaps().is_empty(), "the observer's watch missed events: {:?}", log.gaps());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. ZooKeeper itself goes away and comes back
+
+/// Two nodes on a private ZooKeeper, tasks running; ZooKeeper stops for `outage` and restarts.
+/// Every accepted task must succeed afterwards and new requests must be served. The nodes'
+/// sessions must survive the outage if `sessions_survive`, and expire otherwise.
+async fn zookeeper_outage(case: &str, session_timeout_ms: u64, outage: Duration, sessions_survive: bool) {
+    let server = tokio::task::spawn_blocking(ZkServer::start).await.expect("start a private ZooKeeper");
+    let connect = server.connect_string(&unique_chroot(case));
+    let observer = Observer::connect(&connect).await;
+    let configs: Vec<_> = ["n1", "n2"].iter().map(|n| node_config(n, &connect, session_timeout_ms, 4)).collect();
+    let nodes = start_nodes(&configs).await;
+    observer.wait_runners(2).await;
+    let leader = observer.wait_leader("a leader", |_| true).await;
+    let follower = nodes.iter().find(|n| n.node_id() != leader.node.as_str()).unwrap().address().to_string();
+
+    let mut accepted = Vec::new();
+    for n in 0..4 {
+        accepted.push(observer.create(&follower, n).await);
+    }
+    for task in &accepted {
+        wait_state(observer.coord(), task.id, TaskState::Running, WAIT).await;
+        observer.wait_progress(task.id, "tasks make progress", |p| p.cursor_bytes >= 3 * UNIT_BYTES).await;
+    }
+    let mut sessions = Vec::new();
+    for node in &nodes {
+        let registration = layout::runner(&node.node_id().parse().unwrap());
+        let stat = step("read a registration", observer.coord.exists(&registration)).await.unwrap();
+        sessions.push((registration, stat.expect("the node is registered").ephemeral_owner));
+    }
+
+    tokio::task::block_in_place(|| server.stop());
+    // A client asks for a task during the outage; the follower keeps trying to reach a leader.
+    // If the answer is a success, the task must be there and run like the others.
+    let (transport, address) = (observer.transport.clone(), follower.clone());
+    let during = tokio::spawn(async move {
+        let request = ClientRequest::Create { id: TaskId::generate(), spec: spec(50), run_window: None };
+        call(&transport, &address, request).await
+    });
+    // The outage itself: there is nothing to wait for but time, so here a sleep is the event.
+    tokio::time::sleep(outage).await;
+    tokio::task::block_in_place(|| server.restart());
+
+    let mut session = observer.coord.subscribe();
+    wait_status(&mut session, WAIT, |s| s.state == SessionState::Connected).await;
+    if sessions_survive {
+        assert_eq!(observer.coord.status().generation, 1, "the observer's session did not survive");
+    }
+    match during.await.expect("the request during the outage") {
+        Ok(ClientReply::Task(task)) => accepted.push(task),
+        Ok(other) => panic!("a create answered {other:?}"),
+        Err(e) => assert!(e.is_transient(), "a create during the outage failed for good: {e}"),
+    }
+    let late = observer.create(&follower, 100).await;
+    accepted.push(late);
+
+    observer.wait_all_succeeded(&accepted, WAIT).await;
+    for task in &accepted {
+        assert_finished_exactly(&observer.task(task.id).await);
+    }
+    assert_accounted(&observer, &accepted).await;
+    // The outage was what it was meant to be: the nodes' sessions survived it, or expired.
+    for (registration, before) in sessions {
+        let now = observer.wait_node(&registration, "the node is registered", |s| s.is_some()).await.unwrap();
+        let survived = now.ephemeral_owner == before;
+        assert_eq!(survived, sessions_survive, "{registration}: session {before:#x} then {:#x}", now.ephemeral_owner);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_outage_and_recovery() {
+    init_tracing();
+    within(CASE, "a ZooKeeper outage shorter than the session timeout", async {
+        zookeeper_outage("zk-outage-short", 10_000, Duration::from_secs(3), true).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_outage_longer_than_the_session_timeout() {
+    init_tracing();
+    within(CASE, "a ZooKeeper outage longer than the session timeout", async {
+        // The client gives a silent session up after 7/5 of its timeout (5.6 s here).
+        zookeeper_outage("zk-outage-long", SESSION_MS, Duration::from_secs(8), false).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Every request through a follower
+
+/// A run window from `from` to `to` minutes after the current time of day in UTC, the daemon's
+/// time zone (negative: before it).
+fn window_from_now(from: i64, to: i64) -> RunWindow {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 / 60;
+    let at = |offset: i64| {
+        let minute = (now + offset).rem_euclid(24 * 60);
+        TimeOfDay::new((minute / 60) as u8, (minute % 60) as u8).unwrap()
+    };
+    RunWindow::new(at(from), at(to)).unwrap()
+}
+
+/// Invariant 3: the answer to a change is the task as stored after it (its control record is
+/// the one in ZooKeeper, at the same version; the dispatcher is its only writer).
+async fn assert_answer_is_stored(observer: &Observer, answer: &Task) {
+    let stored = observer.task(answer.id).await;
+    assert_eq!(answer.control, stored.control, "the answer's control record is not the stored one");
+    assert_eq!(answer.versions.control, stored.versions.control, "the answer is not the latest control record");
+    assert!(answer.versions.status <= stored.versions.status, "the answer's status is from the future");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_to_a_follower_is_served() {
+    init_tracing();
+    within(CASE, "requests through a follower", async {
+        let connect = shared_zk().connect_string(&unique_chroot("follower-requests"));
+        let observer = Observer::connect(&connect).await;
+        let configs: Vec<_> = ["n1", "n2"].iter().map(|n| node_config(n, &connect, SESSION_MS, 4)).collect();
+        let nodes = start_nodes(&configs).await;
+        observer.wait_runners(2).await;
+        let leader = observer.wait_leader("a leader", |_| true).await;
+        let f = nodes.iter().find(|n| n.node_id() != leader.node.as_str()).unwrap().address().to_string();
+
+        match observer.request(&f, ClientRequest::ListRunners).await {
+            Ok(ClientReply::Runners(runners)) => assert_eq!(runners.len(), 2, "{runners:?}"),
+            other => panic!("list runners: {other:?}"),
+        }
+        let task = observer.create(&f, 1).await;
+        let id = task.id;
+        assert_eq!(task.state(), TaskState::Pending);
+        assert_answer_is_stored(&observer, &task).await;
+        let other = observer.create(&f, 2).await;
+
+        let shown = observer.task_request(&f, ClientRequest::Show { id }).await;
+        assert_eq!((shown.id, &shown.control.spec), (id, &task.control.spec));
+        match observer.request(&f, ClientRequest::List(ListFilter::default())).await {
+            Ok(ClientReply::Tasks(tasks)) => {
+                assert_eq!(tasks.iter().map(|t| t.id).collect::<Vec<_>>(), [id, other.id], "oldest first");
+            }
+            reply => panic!("list: {reply:?}"),
+        }
+        // Bad input: a typed error naming the field, and nothing stored.
+        let mut bad = spec(3);
+        let TaskSpec::CopyVolume(copy) = &mut bad;
+        copy.source_hosts.clear();
+        match observer.request(&f, ClientRequest::Create { id: TaskId::generate(), spec: bad, run_window: None }).await
+        {
+            Err(ApiError::Invalid { field, .. }) => assert_eq!(field, "source_hosts"),
+            reply => panic!("an invalid create: {reply:?}"),
+        }
+        let missing = TaskId::generate();
+        match observer.request(&f, ClientRequest::Show { id: missing }).await {
+            Err(ApiError::NotFound { id }) => assert_eq!(id, missing),
+            reply => panic!("show a missing task: {reply:?}"),
+        }
+
+        // Pause a running task: the answer carries the change; the runner stops.
+        wait_state(observer.coord(), id, TaskState::Running, WAIT).await;
+        let paused = observer.task_request(&f, ClientRequest::Pause { id }).await;
+        assert_eq!(paused.control.desired, DesiredState::Pause);
+        assert_answer_is_stored(&observer, &paused).await;
+        wait_state(observer.coord(), id, TaskState::Paused, WAIT).await;
+        let (at_pause, _) = observer.progress(id).await;
+        assert!(at_pause.cursor_bytes < TOTAL_BYTES, "paused after the end");
+
+        let resumed = observer.task_request(&f, ClientRequest::Resume { id }).await;
+        assert_eq!(resumed.control.desired, DesiredState::Run);
+        assert_eq!(resumed.state(), TaskState::Pending, "the answer is not the status as written");
+        assert_answer_is_stored(&observer, &resumed).await;
+        wait_task(observer.coord(), id, WAIT, |s| s.state == TaskState::Running && s.attempts == 2).await;
+
+        // Run windows, changed while the task runs and commits progress. An open window: the
+        // task keeps running, and its progress writes never touch the window (invariant 2).
+        let open = window_from_now(-60, 60);
+        let set = observer.task_request(&f, ClientRequest::SetRunWindow { id, run_window: Some(open) }).await;
+        assert_eq!(set.control.run_window, Some(open), "the answer does not carry the new window");
+        assert_answer_is_stored(&observer, &set).await;
+        let cursor = observer.progress(id).await.0.cursor_bytes;
+        observer.wait_progress(id, "progress after the window change", |p| p.cursor_bytes > cursor).await;
+        assert_eq!(observer.task(id).await.control.run_window, Some(open), "progress overwrote the window");
+        // A window closed now: the runner stops at its next step and waits, visibly, keeping its claim.
+        let closed = window_from_now(120, 180);
+        let set = observer.task_request(&f, ClientRequest::SetRunWindow { id, run_window: Some(closed) }).await;
+        assert_eq!(set.control.run_window, Some(closed), "the answer does not carry the new window");
+        assert_answer_is_stored(&observer, &set).await;
+        let waiting = wait_task(observer.coord(), id, WAIT, |s| s.waiting.is_some()).await;
+        assert_eq!(waiting.state, TaskState::Running, "outside its window: {waiting:?}");
+        let note = waiting.waiting.clone().unwrap_or_default();
+        assert!(note.contains(&closed.to_string()), "the waiting note does not name the window: {note:?}");
+        // Cleared, the window no longer holds the task back.
+        let cleared = observer.task_request(&f, ClientRequest::SetRunWindow { id, run_window: None }).await;
+        assert_eq!(cleared.control.run_window, None);
+        assert_answer_is_stored(&observer, &cleared).await;
+        wait_task(observer.coord(), id, WAIT, |s| s.waiting.is_none()).await;
+        let cursor = observer.progress(id).await.0.cursor_bytes;
+        observer.wait_progress(id, "progress after the window is cleared", |p| p.cursor_bytes > cursor).await;
+
+        let canceled = observer.task_request(&f, ClientRequest::Cancel { id }).await;
+        assert_eq!(canceled.control.desired, DesiredState::Cancel);
+        assert_answer_is_stored(&observer, &canceled).await;
+        wait_state(observer.coord(), id, TaskState::Canceled, WAIT).await;
+        let again = observer.task_request(&f, ClientRequest::Cancel { id }).await;
+        assert_eq!(again.state(), TaskState::Canceled, "cancel is idempotent");
+        match observer.request(&f, ClientRequest::Pause { id }).await {
+            Err(ApiError::WrongState { state: TaskState::Canceled, .. }) => {}
+            reply => panic!("pausing a canceled task: {reply:?}"),
+        }
+        let final_progress = observer.progress(id).await.0;
+        assert!(final_progress.cursor_bytes >= at_pause.cursor_bytes, "the resumed run went behind the pause");
+
+        observer.wait_all_succeeded(std::slice::from_ref(&other), WAIT).await;
+        assert_finished_exactly(&observer.task(other.id).await);
+        match observer
+            .request(&f, ClientRequest::List(ListFilter { state: Some(TaskState::Canceled), ..Default::default() }))
+            .await
+        {
+            Ok(ClientReply::Tasks(tasks)) => assert_eq!(tasks.iter().map(|t| t.id).collect::<Vec<_>>(), [id]),
+            reply => panic!("list canceled: {reply:?}"),
+        }
+        assert_accounted(&observer, &[task, other]).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The command line against a follower
+
+/// Runs the `taskctl` example against `node` with `secret`; returns its output.
+fn taskctl(node: &str, secret: &str, args: &[&str]) -> Output {
+    taskctl_within(node, secret, 20_000, args)
+}
+
+/// Runs `taskctl` with `--timeout-ms timeout_ms`.
+fn taskctl_within(node: &str, secret: &str, timeout_ms: u64, args: &[&str]) -> Output {
+    let mut cmd = Command::new(example_binary("taskctl"));
+    cmd.args(["--node", node, "--timeout-ms", &timeout_ms.to_string()])
+        .args(args)
+        .env("TASK_CENTER_SECRET", secret)
+        .env_remove("TASK_CENTER_NODE")
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            // Never outlive the test's thread that waits for it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            Ok(())
+        });
+    }
+    tokio::task::block_in_place(|| cmd.output()).expect("run taskctl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `taskctl` succeeded; its stdout.
+fn ok(output: Output, what: &str) -> String {
+    assert!(output.status.success(), "taskctl {what}: {:?}\nstderr: {}", output.status, text(&output.stderr));
+    text(&output.stdout)
+}
+
+/// The value of a `key  value` line of `taskctl task show`.
+fn shown(out: &str, key: &str) -> String {
+    out.lines()
+        .find_map(|line| {
+            line.strip_prefix(key).filter(|rest| rest.starts_with(' ')).map(|rest| rest.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {key:?} line in:\n{out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taskctl_talks_to_any_node() {
+    init_tracing();
+    within(CASE, "taskctl against a follower", async {
+        let connect = shared_zk().connect_string(&unique_chroot("taskctl"));
+        let observer = Observer::connect(&connect).await;
+        let configs: Vec<_> = ["n1", "n2"].iter().map(|n| node_config(n, &connect, SESSION_MS, 4)).collect();
+        let nodes = start_nodes(&configs).await;
+        observer.wait_runners(2).await;
+        let leader = observer.wait_leader("a leader", |_| true).await;
+        let f = nodes.iter().find(|n| n.node_id() != leader.node.as_str()).unwrap().address().to_string();
+
+        let created = ok(
+            taskctl(
+                &f,
+                SECRET,
+                &[
+                    "task",
+                    "create",
+                    "--source-volume",
+                    "vol-a",
+                    "--target-volume",
+                    "vol-b",
+                    "--source-hosts",
+                    "198.51.100.1:10201,198.51.100.2:10201",
+                    "--target-hosts",
+                    "203.0.113.1:10201",
+                ],
+            ),
+            "task create",
+        );
+        let id: TaskId = shown(&created, "id").parse().expect("the created task's id");
+        let id_text = id.to_string();
+        assert_eq!(shown(&created, "state"), "pending");
+        let stored = observer.task(id).await;
+        let TaskSpec::CopyVolume(copy) = &stored.control.spec;
+        assert_eq!(copy.source_hosts, ["198.51.100.1:10201", "198.51.100.2:10201"]);
+
+        // An aligned table: every row's cells start where the header's titles start.
+        let listed = ok(taskctl(&f, SECRET, &["task", "list"]), "task list");
+        let mut lines = listed.lines();
+        let header = lines.next().expect("a header line");
+        assert!(header.starts_with("ID  "), "header: {header:?}");
+        let titles = ["ID", "STATE", "RUNNER", "PROGRESS", "WINDOW", "SPEC"];
+        assert_eq!(header.split_whitespace().collect::<Vec<_>>(), titles, "header: {header:?}");
+        let columns: Vec<usize> = titles.iter().map(|t| header.find(t).unwrap()).collect();
+        let rows: Vec<&str> = lines.collect();
+        assert_eq!(rows.len(), 1, "one task listed:\n{listed}");
+        let row = rows[0];
+        assert!(row.starts_with(&id_text), "row: {row:?}");
+        for (title, &column) in titles.iter().zip(&columns).skip(1) {
+            let cell = &row[column..];
+            assert!(!cell.starts_with(' ') && row[..column].ends_with("  "), "column {title} misaligned in {row:?}");
+        }
+        let state_cell = row[columns[1]..].split_whitespace().next().unwrap();
+        assert!(["pending", "running"].contains(&state_cell), "state cell {state_cell:?}");
+
+        let json = ok(taskctl(&f, SECRET, &["--json", "task", "show", &id_text]), "--json task show");
+        let value: serde_json::Value = serde_json::from_str(&json).expect("task show --json prints JSON");
+        assert_eq!(value["id"].as_str(), Some(id_text.as_str()), "{json}");
+        let listed = ok(taskctl(&f, SECRET, &["task", "list", "--json"]), "task list --json");
+        let value: serde_json::Value = serde_json::from_str(&listed).expect("task list --json prints JSON");
+        assert_eq!(value.as_array().map(|a| a.len()), Some(1), "{listed}");
+
+        let set = ok(taskctl(&f, SECRET, &["task", "set-runtime", &id_text, "01:00", "05:00"]), "task set-runtime");
+        assert_eq!(shown(&set, "run window"), "01:00-05:00", "the answer shows the new window:\n{set}");
+        let window: RunWindow = "01:00-05:00".parse().unwrap();
+        assert_eq!(observer.task(id).await.control.run_window, Some(window));
+
+        let bad = taskctl(&f, SECRET, &["task", "set-runtime", &id_text, "25:00", "05:00"]);
+        assert_eq!(bad.status.code(), Some(2), "a malformed window: {:?}", bad.status);
+        let stderr = text(&bad.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line on stderr: {stderr:?}");
+        assert!(stderr.contains("25:00"), "the error names the value: {stderr:?}");
+        assert!(bad.stdout.is_empty(), "nothing on stdout: {:?}", text(&bad.stdout));
+        assert_eq!(observer.task(id).await.control.run_window, Some(window), "a refused window changed the task");
+        // (Unless it is 01:00-05:00 UTC now, the task waits for its window; cleared, it runs.)
+        let cleared = ok(taskctl(&f, SECRET, &["task", "set-runtime", &id_text, "--clear"]), "set-runtime --clear");
+        assert_eq!(shown(&cleared, "run window"), "any time", "the answer shows no window:\n{cleared}");
+        assert_eq!(observer.task(id).await.control.run_window, None);
+
+        let wrong = taskctl_within(&f, "not-the-cluster-secret-at-all-0123", 2_000, &["task", "show", &id_text]);
+        let stderr = text(&wrong.stderr);
+        assert!(!wrong.status.success(), "a wrong secret was accepted: {}", text(&wrong.stdout));
+        assert_ne!(wrong.status.code(), Some(101), "taskctl panicked: {stderr}");
+        assert!(!stderr.contains("panicked"), "taskctl panicked: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line on stderr: {stderr:?}");
+        assert!(wrong.stdout.is_empty(), "a wrong secret printed: {:?}", text(&wrong.stdout));
+
+        wait_state(observer.coord(), id, TaskState::Succeeded, WAIT).await;
+        assert_finished_exactly(&observer.task(id).await);
+        assert_accounted(&observer, &[stored]).await;
+    })
+    .await;
+}
