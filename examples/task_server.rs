@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
+use task_center::actors::VipSettings;
 use task_center::coord::ZkConfig;
+use task_center::copy::FileBackend;
 use task_center::exec::SimulatedExecutor;
 use task_center::transport::{TcpConfig, TcpTransport};
 use task_center::TaskCenter;
@@ -56,7 +58,30 @@ struct Args {
     /// Period of the leader's scheduling sweep.
     #[arg(long)]
     sweep_interval_ms: Option<u64>,
-    /// Simulated work: steps per task (the copy engine replaces this).
+    /// Do not manage virtual IPs on this node.
+    #[arg(long)]
+    no_vips: bool,
+    /// Period of the leader's VIP re-check.
+    #[arg(long)]
+    vip_check_interval_ms: Option<u64>,
+    /// Announcement rounds after a leader change.
+    #[arg(long)]
+    arp_rounds: Option<u32>,
+    /// Pause between announcement rounds.
+    #[arg(long)]
+    arp_interval_ms: Option<u64>,
+    /// Keep announcing at this period after the rounds.
+    #[arg(long)]
+    arp_refresh_ms: Option<u64>,
+    /// IANA time zone of run windows (default UTC).
+    #[arg(long)]
+    time_zone: Option<String>,
+    /// Root of the file backend's volumes (sparse image files, a directory per host). Default:
+    /// `volumes/` in the data directory.
+    #[arg(long)]
+    volumes_root: Option<PathBuf>,
+    /// Run tasks with a simulated executor of this many steps instead of copying volumes (for
+    /// tests of scheduling).
     #[arg(long)]
     sim_steps: Option<u64>,
     /// Simulated work: duration of one step.
@@ -81,6 +106,13 @@ impl Args {
             secret_file: self.secret_file.or(file.secret_file),
             tasks_per_runner: self.tasks_per_runner.or(file.tasks_per_runner),
             sweep_interval_ms: self.sweep_interval_ms.or(file.sweep_interval_ms),
+            no_vips: self.no_vips || file.no_vips,
+            vip_check_interval_ms: self.vip_check_interval_ms.or(file.vip_check_interval_ms),
+            arp_rounds: self.arp_rounds.or(file.arp_rounds),
+            arp_interval_ms: self.arp_interval_ms.or(file.arp_interval_ms),
+            arp_refresh_ms: self.arp_refresh_ms.or(file.arp_refresh_ms),
+            time_zone: self.time_zone.or(file.time_zone),
+            volumes_root: self.volumes_root.or(file.volumes_root),
             sim_steps: self.sim_steps.or(file.sim_steps),
             sim_step_ms: self.sim_step_ms.or(file.sim_step_ms),
         })
@@ -111,7 +143,7 @@ async fn run(args: Args) -> Result<(), String> {
         .zookeeper(zk)
         .listen(args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into()))
         .transport(Arc::new(transport));
-    if let Some(dir) = args.data_dir {
+    if let Some(dir) = args.data_dir.clone() {
         builder = builder.data_dir(dir);
     }
     if let Some(tasks) = args.tasks_per_runner {
@@ -120,9 +152,27 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(interval) = args.sweep_interval_ms {
         builder = builder.sweep_interval_ms(interval);
     }
-    let steps = args.sim_steps.unwrap_or(10);
-    let step = Duration::from_millis(args.sim_step_ms.unwrap_or(100));
-    builder = builder.executor(Arc::new(SimulatedExecutor::new(steps, step, 1 << 20)));
+    let mut vips = VipSettings { enabled: !args.no_vips, ..VipSettings::default() };
+    if let Some(ms) = args.vip_check_interval_ms {
+        vips.check_interval = Duration::from_millis(ms);
+    }
+    if let Some(rounds) = args.arp_rounds {
+        vips.arp_rounds = rounds;
+    }
+    if let Some(ms) = args.arp_interval_ms {
+        vips.arp_interval = Duration::from_millis(ms);
+    }
+    vips.arp_refresh = args.arp_refresh_ms.map(Duration::from_millis);
+    builder = builder.vips(vips);
+    if let Some(zone) = args.time_zone.clone() {
+        builder = builder.time_zone(zone);
+    }
+    if let Some(steps) = args.sim_steps {
+        let step = Duration::from_millis(args.sim_step_ms.unwrap_or(100));
+        builder = builder.executor(Arc::new(SimulatedExecutor::new(steps, step, 1 << 20)));
+    } else if let Some(root) = args.volumes_root {
+        builder = builder.copy_backend(Arc::new(FileBackend::new(root)));
+    }
 
     let node = builder.build().map_err(|e| e.to_string())?.start().await.map_err(|e| e.to_string())?;
     println!("listening on {}", node.address());

@@ -60,9 +60,36 @@ pub async fn current_leader(coord: &dyn Coordination) -> Result<Option<LeaderInf
     Ok(None)
 }
 
-/// Runs this node's campaign until `stop` is cancelled; then withdraws the candidate.
-pub(crate) async fn campaign(coord: Arc<dyn Coordination>, me: LeaderInfo, to: Recipient<Leadership>, stop: StopToken) {
-    let mut campaign = Campaign { coord, me, to, session: None, leading: false, candidate: None };
+/// Asks a leading campaign to step down for a while so that another node can try (the VIP
+/// server does when no route covers a VIP here).
+#[derive(Clone, Debug)]
+pub struct Resign {
+    sender: tokio::sync::mpsc::Sender<Duration>,
+}
+
+impl Resign {
+    /// A resign handle and the receiver the campaign listens on.
+    pub(crate) fn channel() -> (Resign, tokio::sync::mpsc::Receiver<Duration>) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        (Resign { sender }, receiver)
+    }
+
+    /// Steps down (if leading) and stays out of the election for `pause`.
+    pub fn resign(&self, pause: Duration) {
+        let _ = self.sender.try_send(pause);
+    }
+}
+
+/// Runs this node's campaign until `stop` is cancelled; then withdraws the candidate. Every
+/// leadership change is told to each of `to`.
+pub(crate) async fn campaign(
+    coord: Arc<dyn Coordination>,
+    me: LeaderInfo,
+    to: Vec<Recipient<Leadership>>,
+    resign: tokio::sync::mpsc::Receiver<Duration>,
+    stop: StopToken,
+) {
+    let mut campaign = Campaign { coord, me, to, resign, session: None, leading: false, candidate: None };
     tokio::select! {
         _ = campaign.run() => {}
         _ = stop.cancelled() => {}
@@ -77,7 +104,8 @@ pub(crate) async fn campaign(coord: Arc<dyn Coordination>, me: LeaderInfo, to: R
 struct Campaign {
     coord: Arc<dyn Coordination>,
     me: LeaderInfo,
-    to: Recipient<Leadership>,
+    to: Vec<Recipient<Leadership>>,
+    resign: tokio::sync::mpsc::Receiver<Duration>,
     session: Option<watch::Receiver<SessionStatus>>,
     leading: bool,
     candidate: Option<String>,
@@ -148,6 +176,17 @@ impl Campaign {
             tokio::select! {
                 _ = watch => {}
                 changed = session.changed() => if changed.is_err() { return Ok(()) },
+                Some(pause) = self.resign.recv() => {
+                    if !self.leading {
+                        continue;
+                    }
+                    warn!(node = %self.me.node, pause_ms = pause.as_millis() as u64, "resigning leadership");
+                    self.tell(false, None);
+                    let _ = self.coord.delete(&path, None).await;
+                    self.candidate = None;
+                    tokio::time::sleep(pause).await;
+                    return Ok(());
+                }
             }
         }
     }
@@ -167,7 +206,9 @@ impl Campaign {
                 Leadership::Lost
             }
         };
-        self.to.do_send(message);
+        for to in &self.to {
+            to.do_send(message.clone());
+        }
     }
 }
 

@@ -21,8 +21,10 @@ pub mod dispatcher;
 pub mod election;
 mod requests;
 pub mod runner;
+pub mod vip;
 
 pub use controller::TaskController;
 pub use dispatcher::{Dispatcher, LeaderStatus};
 pub use election::{current_leader, LeaderInfo, Leadership};
 pub use runner::Runner;
+pub use vip::{VipReport, VipServer, VipSettings};

@@ -7,7 +7,7 @@
 //! | `tasks`      | task id (16 bytes)                          | `Task`, JSON |
 //! | `by_state`   | state code (1) + created ms (8, BE) + id    | empty        |
 //! | `by_created` | created ms (8, BE) + id                     | empty        |
-//! | `meta`       | `schema`                                    | version      |
+//! | `meta`       | `schema`, `vips`                            | version, VIP configurations (JSON) |
 //!
 //! Every call here is blocking (LMDB transactions): call it from `spawn_blocking`, never from an
 //! async task. Opening validates the file (schema and every record); a file that fails is wiped
@@ -21,7 +21,7 @@ use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTl
 use tracing::warn;
 
 use super::CacheError;
-use crate::model::{Task, TaskId, TaskState};
+use crate::model::{Task, TaskId, TaskState, VipConfig};
 
 /// Virtual size reserved for the map. LMDB grows the file as needed up to this; 1 GiB holds
 /// about a million tasks.
@@ -200,6 +200,25 @@ impl TaskCache {
         self.by_state.delete(wtxn, &state_key(old.state(), created, &old.id)).map_err(|e| self.err(e))?;
         self.by_created.delete(wtxn, &created_key(created, &old.id)).map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Stores the VIP configuration last seen in ZooKeeper, so that a node can remove the VIPs
+    /// at start-up, or when it loses its session, without asking ZooKeeper.
+    pub fn put_vips(&self, vips: &[VipConfig]) -> Result<(), CacheError> {
+        let mut wtxn = self.write()?;
+        let value = serde_json::to_vec(vips).expect("VIP configurations serialize to JSON");
+        self.meta.put(&mut wtxn, "vips", &value).map_err(|e| self.err(e))?;
+        wtxn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The VIP configuration last stored with [`TaskCache::put_vips`] (empty if none).
+    pub fn vips(&self) -> Result<Vec<VipConfig>, CacheError> {
+        let rtxn = self.read()?;
+        match self.meta.get(&rtxn, "vips").map_err(|e| self.err(e))? {
+            Some(value) => serde_json::from_slice(value)
+                .map_err(|e| CacheError::Corrupt { path: self.path.clone(), reason: format!("vips: {e}") }),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// A task by id.

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::coord::{CoordError, EventKind, SessionState, TreeWatch};
-use crate::model::{Task, TaskId, TaskState};
+use crate::model::{Task, TaskId, TaskState, VipConfig};
 use crate::store::{layout, StoreError, TaskStore};
 
 pub mod lmdb;
@@ -153,6 +153,18 @@ impl TaskMirror {
     pub async fn list_by_created(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Task>, CacheError> {
         let cache = self.cache.clone();
         blocking(move || cache.list_by_created(from_ms, to_ms, limit)).await
+    }
+
+    /// Stores the VIP configuration last seen (see [`TaskCache::put_vips`]).
+    pub async fn put_vips(&self, vips: Vec<VipConfig>) -> Result<(), CacheError> {
+        let cache = self.cache.clone();
+        blocking(move || cache.put_vips(&vips)).await
+    }
+
+    /// The VIP configuration last stored.
+    pub async fn vips(&self) -> Result<Vec<VipConfig>, CacheError> {
+        let cache = self.cache.clone();
+        blocking(move || cache.vips()).await
     }
 
     /// Every cached task id.

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::actors::VipSettings;
 use crate::clock::{Clock, SystemClock};
 use crate::coord::{EmbeddedServer, ZkConfig};
 use crate::copy::{CopyBackend, CopyEngine, FileBackend};
@@ -56,6 +57,7 @@ pub struct TaskCenterBuilder {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) time_zone: String,
     pub(super) default_run_window: Option<RunWindow>,
+    pub(super) vips: VipSettings,
     pub(super) tasks_per_runner: u32,
     pub(super) mailbox_capacity: usize,
     pub(super) sweep_interval_ms: u64,
@@ -90,6 +92,7 @@ impl Default for TaskCenterBuilder {
             clock: Arc::new(SystemClock),
             time_zone: "UTC".into(),
             default_run_window: None,
+            vips: VipSettings::default(),
             tasks_per_runner: DEFAULT_TASKS_PER_RUNNER,
             mailbox_capacity: DEFAULT_MAILBOX_CAPACITY,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
@@ -181,6 +184,16 @@ impl TaskCenterBuilder {
         self
     }
 
+    /// How this node keeps the cluster's virtual IPs when it leads: re-check period (default
+    /// 3 s), announcement rounds after a leader change (default 6) and their interval (default
+    /// 10 s), an optional refresh after them (default none). `enabled: false` turns VIPs off on
+    /// this node. Adding addresses needs `CAP_NET_ADMIN` and announcing them `CAP_NET_RAW`;
+    /// without them the node says once that VIPs are disabled, and runs tasks all the same.
+    pub fn vips(mut self, settings: VipSettings) -> Self {
+        self.vips = settings;
+        self
+    }
+
     /// Tasks this node's runner runs at once, 1 to 1024. Default 4.
     pub fn tasks_per_runner(mut self, tasks: u32) -> Self {
         self.tasks_per_runner = tasks;
@@ -236,6 +249,12 @@ impl TaskCenterBuilder {
         range("request_timeout_ms", self.request_timeout_ms, 100, 3_600_000)?;
         range("call_timeout_ms", self.call_timeout_ms, 10, self.request_timeout_ms)?;
         range("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 3_600_000)?;
+        range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
+        range("vips arp_rounds", u64::from(self.vips.arp_rounds), 0, 1_000)?;
+        range("vips arp_interval", self.vips.arp_interval.as_millis() as u64, 10, 3_600_000)?;
+        if let Some(refresh) = self.vips.arp_refresh {
+            range("vips arp_refresh", refresh.as_millis() as u64, 100, 86_400_000)?;
+        }
         if let Some(CoordinationConfig::ZooKeeper(zk)) = &self.coordination {
             if zk.connect.trim().is_empty() || zk.connect.starts_with('/') {
                 return Err(invalid("zookeeper", &zk.connect, "the connect string names no host".into()));
@@ -264,6 +283,7 @@ impl TaskCenterBuilder {
                 .unwrap_or_else(|| Arc::new(CopyEngine::new(Arc::new(FileBackend::new(data_dir.join("volumes")))))),
             clock: self.clock,
             schedule,
+            vips: self.vips,
             tasks_per_runner: self.tasks_per_runner,
             mailbox_capacity: self.mailbox_capacity,
             sweep_interval_ms: self.sweep_interval_ms,

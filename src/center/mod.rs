@@ -18,9 +18,10 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::actors::dispatcher::{Client, DispatcherConfig};
-use crate::actors::election::{campaign, LeaderInfo};
+use crate::actors::election::{campaign, LeaderInfo, Resign};
 use crate::actors::runner::{Assign, ControlChanged, Holding, RunnerConfig, StopRunner};
-use crate::actors::{Dispatcher, LeaderStatus, Runner};
+use crate::actors::vip::VipServerConfig;
+use crate::actors::{Dispatcher, LeaderStatus, Runner, VipReport, VipServer, VipSettings};
 use crate::api::{ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad};
 use crate::cache::{CacheError, TaskMirror};
 use crate::clock::Clock;
@@ -68,6 +69,7 @@ pub struct TaskCenter {
     executor: Arc<dyn TaskExecutor>,
     clock: Arc<dyn Clock>,
     schedule: Schedule,
+    vips: VipSettings,
     tasks_per_runner: u32,
     mailbox_capacity: usize,
     sweep_interval_ms: u64,
@@ -96,6 +98,7 @@ struct Parts {
     runner: Addr<Runner>,
     leader: watch::Receiver<LeaderStatus>,
     session: watch::Receiver<SessionStatus>,
+    vip_report: watch::Receiver<VipReport>,
     stop: oneshot::Sender<bool>,
 }
 
@@ -151,6 +154,7 @@ impl TaskCenter {
             runner: parts.runner,
             leader: parts.leader,
             session: parts.session,
+            vip_report: parts.vip_report,
             stop: Some(parts.stop),
             exited: Some(exited),
             thread: Some(thread),
@@ -250,7 +254,19 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
     let _ = handler.actors.set((dispatcher.clone(), runner.clone()));
     let election_stop = StopToken::new();
     let me = LeaderInfo { node: config.node.clone(), address: address.clone() };
-    let election = actix::spawn(campaign(coord.clone(), me, dispatcher.clone().recipient(), election_stop.clone()));
+    let (resign, resigns) = Resign::channel();
+    let (vip_report_tx, vip_report) = watch::channel(VipReport::default());
+    let vip_server = VipServer::new(VipServerConfig {
+        node: config.node.clone(),
+        store: store.clone(),
+        mirror: mirror.clone(),
+        settings: config.vips.clone(),
+        resign,
+        report: vip_report_tx,
+    })
+    .start();
+    let recipients = vec![dispatcher.clone().recipient(), vip_server.clone().recipient()];
+    let election = actix::spawn(campaign(coord.clone(), me, recipients, resigns, election_stop.clone()));
 
     let (stop, stopped) = oneshot::channel::<bool>();
     let session = coord.subscribe();
@@ -272,7 +288,7 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
         })
         .await;
     };
-    let parts = Parts { address, dispatcher, runner, leader, session, stop };
+    let parts = Parts { address, dispatcher, runner, leader, session, vip_report, stop };
     Ok((parts, run))
 }
 
@@ -324,6 +340,7 @@ pub struct TaskCenterHandle {
     runner: Addr<Runner>,
     leader: watch::Receiver<LeaderStatus>,
     session: watch::Receiver<SessionStatus>,
+    vip_report: watch::Receiver<VipReport>,
     stop: Option<oneshot::Sender<bool>>,
     exited: Option<oneshot::Receiver<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -353,6 +370,12 @@ impl TaskCenterHandle {
     /// Follows this node's leadership.
     pub fn leader_status(&self) -> watch::Receiver<LeaderStatus> {
         self.leader.clone()
+    }
+
+    /// Follows this node's VIP server: whether VIPs are disabled here and why, which it holds,
+    /// which it cannot place, and the announcements since the last leader change.
+    pub fn vip_report(&self) -> watch::Receiver<VipReport> {
+        self.vip_report.clone()
     }
 
     /// Follows this node's coordination session.
