@@ -4,57 +4,71 @@
 //! coordinated through ZooKeeper, that runs long storage jobs (resumable, incremental volume
 //! copies inside daily run windows) and keeps the cluster's virtual IPs on the elected leader.
 //!
-//! This release holds the foundation that the cluster is built on: the domain model, the
-//! coordination layer (real ZooKeeper, or embedded in process), the task store with its fenced,
-//! role-separated records, and the LMDB mirror that serves reads.
+//! # Lifecycle
+//!
+//! A host builds a node with [`TaskCenter::builder()`], starts it, talks to it through the
+//! [`TaskCenterHandle`] from any tokio runtime, and shuts it down:
 //!
 //! ```
 //! use std::sync::Arc;
-//! use task_center::clock::SystemClock;
-//! use task_center::coord::{Coordination, CreateMode, EmbeddedServer};
-//! use task_center::model::{CopyOptions, CopyVolumeSpec, TaskId, TaskSpec, TaskState, VolumeId};
-//! use task_center::store::{Fence, TaskStore};
+//! use task_center::copy::{FileBackend, VolumeRef};
+//! use task_center::model::{CopyOptions, CopyVolumeSpec, TaskSpec, VolumeId};
+//! use task_center::TaskCenter;
 //!
-//! # #[tokio::main(flavor = "current_thread")]
+//! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Coordination: embedded here; `ZkCoordination::connect(ZkConfig::new("zk1:2181/tc"))` for a
-//! // real ensemble. Both implement the same trait.
-//! let coord: Arc<dyn Coordination> = Arc::new(EmbeddedServer::new().connect());
-//! let store = TaskStore::new(coord.clone(), Arc::new(SystemClock));
-//! store.init().await?;
+//! # let dir = tempfile::tempdir()?;
+//! // A single node on the embedded defaults: in-process coordination and transport, and the
+//! // file backend. A cluster sets `.zookeeper(ZkConfig::new("zk1:2181,zk2:2181/task-center"))`,
+//! // a `TcpTransport` and its own `CopyBackend` over the daemon's block service.
+//! let backend = FileBackend::new(dir.path().join("volumes"));
+//! let node = TaskCenter::builder()
+//!     .node_id("node-1")
+//!     .data_dir(dir.path().join("node-1"))
+//!     .copy_backend(Arc::new(backend.clone()))
+//!     .time_zone("Asia/Shanghai")
+//!     .build()?
+//!     .start()
+//!     .await?;
 //!
-//! // Writes are fenced on an ephemeral node that proves the writer's role.
-//! let fence = Fence::new(coord.create("/election/candidate-demo", b"", CreateMode::Ephemeral).await?);
+//! let (source, target) = (VolumeId::new("vol-a")?, VolumeId::new("vol-a-copy")?);
+//! for volume in [&source, &target] {
+//!     backend.create_volume(&VolumeRef { hosts: vec!["198.51.100.1:10201".into()], volume: volume.clone() }, 1 << 20).await?;
+//! }
 //! let spec = TaskSpec::CopyVolume(CopyVolumeSpec {
-//!     source_volume: VolumeId::new("vol-a")?,
-//!     target_volume: VolumeId::new("vol-a-copy")?,
+//!     source_volume: source,
+//!     target_volume: target,
 //!     source_hosts: vec!["198.51.100.1:10201".into()],
-//!     target_hosts: vec!["203.0.113.1:10201".into()],
+//!     target_hosts: vec!["198.51.100.1:10201".into()],
 //!     base_snapshot: None,
-//!     options: CopyOptions::default(),
+//!     options: CopyOptions { extent_size_bytes: 1 << 20, ..CopyOptions::default() },
 //! });
-//! let task = store.create(TaskId::generate(), spec, Some("22:00-04:00".parse()?), &fence).await?;
-//! assert_eq!(task.state(), TaskState::Pending);
+//! // Stored in the coordination service before the answer comes back.
+//! let task = node.create(spec, Some("22:00-04:00".parse()?)).await?;
+//! // Every change is answered with the task as stored after it.
+//! let task = node.set_run_window(task.id, None).await?;
+//! assert_eq!(task.run_window(), None);
 //!
-//! // The answer to a change is the task as stored after it.
-//! let task = store.update_control(&task.id, &fence, |c| { c.run_window = Some("01:00-05:00".parse()?); Ok(()) }).await?;
-//! assert_eq!(task.run_window().unwrap().to_string(), "01:00-05:00");
+//! // Running tasks checkpoint and go back to pending; returns when the node's thread is gone.
+//! node.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!
 //! # Layout
 //!
-//! - [`model`]: ids, task specs, the lifecycle's transition table, progress, run windows, runners,
-//!   VIPs. Pure data and validation.
-//! - [`coord`]: the ZooKeeper-shaped [`Coordination`](coord::Coordination) trait and its two
-//!   implementations, [`ZkCoordination`](coord::ZkCoordination) and
-//!   [`EmbeddedServer`](coord::EmbeddedServer).
-//! - [`store`]: the znode layout and the [`TaskStore`](store::TaskStore): control, status and
-//!   progress records, each with its writer role, fenced and compare-and-set.
-//! - [`cache`]: the [`TaskMirror`](cache::TaskMirror), an LMDB copy of the tasks that follows
-//!   ZooKeeper and serves reads through secondary indexes.
-//! - [`clock`]: injectable time.
-//! - `actors`: the dispatcher, runner, task controller, VIP server and ARP syncer (coming).
+//! - [`center`]: the builder, the node's own actix thread, the handle, graceful shutdown.
+//! - [`actors`]: the dispatcher (on the leader), the runner and one task controller per task,
+//!   leader election, the VIP server and the ARP syncer.
+//! - [`api`]: the typed requests and replies, and [`ApiError`](api::ApiError).
+//! - [`transport`]: node-to-node calls: in process, or TCP with a cluster secret.
+//! - [`copy`]: the copy-backend trait, the file and memory backends, the copy engine.
+//! - [`exec`]: the executor traits the controller drives (the copy engine is one).
+//! - [`schedule`]: run-window policy; [`clock`]: injectable time.
+//! - [`store`]: the znode layout and the fenced, role-separated task records.
+//! - [`cache`]: the LMDB mirror that serves reads.
+//! - [`coord`]: the ZooKeeper-shaped coordination trait, over ZooKeeper or embedded.
+//! - [`net`]: routes, addresses and announcements for the VIPs.
+//! - [`model`]: ids, specs, the lifecycle's transition table, progress, run windows, VIPs.
 //!
 //! `ARCHITECTURE.md` in the repository shows how the parts fit and who writes what.
 #![deny(missing_docs)]
