@@ -25,6 +25,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,6 +126,12 @@ pub struct VipServer {
     netlink: Option<Netlink>,
     vips: Vec<VipConfig>,
     leading: bool,
+    /// `leading`, for passes in flight: a pass decides by the role at the time it runs, not at
+    /// the time it was started.
+    leading_now: Arc<AtomicBool>,
+    /// One netlink pass at a time, so a leading pass cannot add a VIP after a follower's pass
+    /// removed it.
+    passes: Arc<tokio::sync::Mutex<()>>,
     term: u64,
     syncer: Option<StopToken>,
     stop: StopToken,
@@ -137,6 +144,8 @@ impl VipServer {
             netlink: None,
             vips: Vec::new(),
             leading: false,
+            leading_now: Arc::new(AtomicBool::new(false)),
+            passes: Arc::new(tokio::sync::Mutex::new(())),
             term: 0,
             syncer: None,
             stop: StopToken::new(),
@@ -160,7 +169,8 @@ impl VipServer {
     /// Puts the node's interfaces in line with its role: the VIPs if leading, none otherwise.
     fn reconcile(&mut self, ctx: &mut Context<Self>) {
         let Some(netlink) = self.netlink.clone() else { return };
-        let (vips, leading, addr) = (self.addresses(), self.leading, ctx.address());
+        let (vips, leading_now, passes, addr) =
+            (self.addresses(), self.leading_now.clone(), self.passes.clone(), ctx.address());
         let (report, resign, coord, node) = (
             self.config.report.clone(),
             self.config.resign.clone(),
@@ -168,7 +178,8 @@ impl VipServer {
             self.config.node.clone(),
         );
         let done = async move {
-            if !leading {
+            let _pass = passes.lock().await;
+            if !leading_now.load(Ordering::SeqCst) {
                 return match net::remove_vips(&netlink, &vips).await {
                     Ok(removed) => {
                         if removed > 0 {
@@ -400,6 +411,7 @@ impl Handler<Leadership> for VipServer {
             return;
         }
         self.leading = leading;
+        self.leading_now.store(leading, Ordering::SeqCst);
         self.term += 1;
         self.config.report.send_modify(|r| r.leading = leading);
         if !leading {
@@ -439,9 +451,11 @@ impl Handler<Ensure> for VipServer {
     type Result = ResponseFuture<Vec<(IpAddr, String, [u8; 6])>>;
 
     fn handle(&mut self, _: Ensure, _ctx: &mut Context<Self>) -> Self::Result {
-        let (netlink, vips, leading) = (self.netlink.clone(), self.addresses(), self.leading);
+        let (netlink, vips, leading_now, passes) =
+            (self.netlink.clone(), self.addresses(), self.leading_now.clone(), self.passes.clone());
         Box::pin(async move {
-            let Some(netlink) = netlink.filter(|_| leading) else { return Vec::new() };
+            let _pass = passes.lock().await;
+            let Some(netlink) = netlink.filter(|_| leading_now.load(Ordering::SeqCst)) else { return Vec::new() };
             let Ok(plan) = netlink.plan(&vips).await else { return Vec::new() };
             if let Err(e) = net::apply(&netlink, &plan).await {
                 warn!(error = %e, "cannot re-place the VIPs before announcing them");
@@ -462,5 +476,42 @@ impl Handler<Announced> for VipServer {
             r.announced += count;
             r.first_announcement.get_or_insert_with(Instant::now);
         });
+    }
+}
+
+/// Removes the VIPs of the configuration cached in `cache_dir`, before anything else starts: a
+/// node restarted while ZooKeeper is unreachable must not keep VIPs it held as leader.
+pub(crate) async fn drop_cached_vips(cache_dir: std::path::PathBuf, settings: &VipSettings) {
+    if !settings.enabled {
+        return;
+    }
+    let cached = tokio::task::spawn_blocking(move || {
+        let cache = crate::cache::TaskCache::open(&cache_dir)?;
+        let vips = cache.vips();
+        // One environment per directory per process: close it before the mirror opens it.
+        let closing = cache.env().clone().prepare_for_closing();
+        drop(cache);
+        closing.wait();
+        vips
+    })
+    .await;
+    let vips: Vec<IpAddr> = match cached {
+        Ok(Ok(configs)) => configs.iter().flat_map(|c| c.addresses.iter().copied()).collect(),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot read the cached VIP configuration at start-up");
+            return;
+        }
+        Err(_) => return,
+    };
+    if vips.is_empty() {
+        return;
+    }
+    match Netlink::new() {
+        Ok(netlink) => match net::remove_vips(&netlink, &vips).await {
+            Ok(removed) if removed > 0 => info!(removed, "removed VIPs held before this start"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot remove cached VIPs at start-up"),
+        },
+        Err(e) => warn!(error = %e, "cannot open netlink to remove cached VIPs at start-up"),
     }
 }

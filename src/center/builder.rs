@@ -297,3 +297,35 @@ impl TaskCenterBuilder {
 fn invalid(field: &'static str, value: &str, reason: String) -> ConfigError {
     ConfigError::Invalid { field, value: value.to_string(), reason }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::center::TaskCenter;
+
+    fn field_of(result: Result<TaskCenter, ConfigError>) -> &'static str {
+        match result {
+            Err(ConfigError::Invalid { field, .. } | ConfigError::Missing { field }) => field,
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn build_names_the_first_bad_setting() {
+        assert_eq!(field_of(TaskCenter::builder().build()), "node_id");
+        let node = || TaskCenter::builder().node_id("n1");
+        assert_eq!(field_of(TaskCenter::builder().node_id("a/b").build()), "node_id");
+        assert_eq!(field_of(node().tasks_per_runner(0).build()), "tasks_per_runner");
+        assert_eq!(field_of(node().mailbox_capacity(1).build()), "mailbox_capacity");
+        assert_eq!(field_of(node().sweep_interval_ms(1).build()), "sweep_interval_ms");
+        assert_eq!(field_of(node().request_timeout_ms(1_000).call_timeout_ms(5_000).build()), "call_timeout_ms");
+        assert_eq!(field_of(node().time_zone("Nowhere/Land").build()), "time_zone");
+        assert_eq!(field_of(node().zookeeper(ZkConfig::new("/chroot-only")).build()), "zookeeper");
+        assert_eq!(field_of(node().listen(" ").build()), "listen");
+        let vips = VipSettings { arp_interval: std::time::Duration::ZERO, ..VipSettings::default() };
+        assert_eq!(field_of(node().vips(vips).build()), "vips arp_interval");
+        let error = node().tasks_per_runner(5000).build().err().unwrap();
+        assert_eq!(error.to_string(), "invalid tasks_per_runner \"5000\": must be 1 to 1024");
+        assert!(node().build().is_ok(), "the defaults are valid");
+    }
+}

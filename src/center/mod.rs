@@ -201,6 +201,8 @@ impl RequestHandler for NodeHandler {
 /// Starts everything on the node's thread; returns the parts for the handle and the future that
 /// runs until shutdown.
 async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Output = ()>), StartError> {
+    // Before ZooKeeper answers (it may not): this node does not lead, so it holds no VIP.
+    crate::actors::vip::drop_cached_vips(config.data_dir.join("cache"), &config.vips).await;
     let coord: Arc<dyn Coordination> = match config.coordination {
         CoordinationConfig::ZooKeeper(zk) => Arc::new(ZkCoordination::connect(zk).await?),
         CoordinationConfig::Embedded(server) => Arc::new(server.connect()),

@@ -1,11 +1,12 @@
 //! Test harness shared by the integration tests: a real ZooKeeper server ([`ZkServer`], one
 //! shared per test binary through [`shared_zk`]), a TCP [`Proxy`] to partition one client from
-//! it, task-server nodes as separate processes ([`node::NodeProcess`]), tracing setup and bounded
-//! waits.
+//! it, task-server nodes as separate processes ([`node::NodeProcess`]), network namespaces
+//! ([`netns`]: both of the latter can run inside one), tracing setup and bounded waits.
 //!
 //! Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod netns;
 pub mod node;
 pub mod proxy;
 pub mod tasks;

@@ -1,6 +1,8 @@
 //! Network namespaces for the network tests: a [`Netns`] is a namespace this process created
 //! (`ip netns add`) and deletes on drop, even when the test panics; [`Lab`] is a small switched
-//! LAN of namespaces. Tests never touch the host's own interfaces.
+//! LAN of namespaces; [`AnnouncementCapture`] records the gratuitous ARPs and unsolicited
+//! neighbour advertisements that reach one of a namespace's interfaces. Tests never touch the
+//! host's own interfaces.
 //!
 //! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2: without them, [`Netns::new`] fails
 //! the test with one line that says so. Addresses come from the documentation ranges only
@@ -8,11 +10,12 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -174,6 +177,17 @@ impl Netns {
         })
     }
 
+    /// Sends one UDP datagram (to the discard port, 9) to `address` from inside this namespace:
+    /// the kernel resolves `address`'s neighbour entry on the way, as it would for a ping.
+    pub fn send_datagram(&self, address: IpAddr) {
+        self.run(|| async move {
+            let any: IpAddr =
+                if address.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+            let socket = std::net::UdpSocket::bind((any, 0)).expect("bind a UDP socket");
+            socket.send_to(b"who holds this address?", (address, 9)).expect("send a datagram");
+        })
+    }
+
     /// Polls [`Netns::neighbour`] until `address` maps to `lladdr` on `device`, for at most
     /// `limit`; returns the last entry seen.
     pub fn wait_neighbour(&self, device: &str, address: &str, lladdr: &str, limit: Duration) -> Option<String> {
@@ -185,6 +199,15 @@ impl Netns {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl Netns {
+    /// Starts recording the announcements (gratuitous ARPs, unsolicited neighbour
+    /// advertisements) that arrive on `device` of this namespace; returns once the capture
+    /// socket is open. Panics if it cannot be opened.
+    pub fn capture_announcements(&self, device: &str) -> AnnouncementCapture {
+        AnnouncementCapture::start(&self.name, device)
     }
 }
 
@@ -287,5 +310,189 @@ fn sweep_stale() {
         if numeric && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = run_command("ip", &["netns", "del", name]);
         }
+    }
+}
+
+/// One announcement seen on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    /// When the capture read it.
+    pub at: SystemTime,
+    /// The announced address: a gratuitous ARP's sender (= target) IP, or an unsolicited
+    /// neighbour advertisement's target.
+    pub address: IpAddr,
+    /// The MAC it maps the address to (the ARP sender's, or the frame's source), as `ip` prints
+    /// MACs (`02:00:5e:...`).
+    pub mac: String,
+}
+
+/// The announcements arriving on one interface of a namespace, read from a packet socket by a
+/// thread that joined the namespace. The thread stops (within 100 ms) when this is dropped.
+pub struct AnnouncementCapture {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    seen: tokio::sync::watch::Receiver<Vec<Announcement>>,
+}
+
+impl AnnouncementCapture {
+    fn start(netns: &str, device: &str) -> AnnouncementCapture {
+        let (path, device) = (format!("/run/netns/{netns}"), device.to_string());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen_tx, seen) = tokio::sync::watch::channel(Vec::new());
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("capture-{device}"))
+            .spawn(move || {
+                let socket = match open_capture(&path, &device) {
+                    Ok(socket) => {
+                        let _ = ready_tx.send(Ok(()));
+                        socket
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let mut frame = [0u8; 2048];
+                while !thread_stop.load(Ordering::Relaxed) {
+                    // SAFETY: a buffer of frame.len() bytes and a zeroed sockaddr_ll of its size.
+                    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                    let n = unsafe {
+                        libc::recvfrom(
+                            socket.as_raw_fd(),
+                            frame.as_mut_ptr().cast(),
+                            frame.len(),
+                            0,
+                            (&mut from as *mut libc::sockaddr_ll).cast(),
+                            &mut from_len,
+                        )
+                    };
+                    // A timeout (to look at the stop flag) or an interrupted call: read again.
+                    if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                        continue;
+                    }
+                    if let Some((address, mac)) = parse_announcement(&frame[..n as usize]) {
+                        let seen = Announcement { at: SystemTime::now(), address, mac };
+                        seen_tx.send_modify(|all| all.push(seen));
+                    }
+                }
+            })
+            .expect("start the capture thread");
+        match ready_rx.recv() {
+            Ok(Ok(())) => AnnouncementCapture { stop, thread: Some(thread), seen },
+            Ok(Err(error)) => panic!("{error}"),
+            Err(_) => panic!("the capture thread died before opening its socket"),
+        }
+    }
+
+    /// Everything seen so far, oldest first.
+    pub fn seen(&self) -> Vec<Announcement> {
+        self.seen.borrow().clone()
+    }
+
+    /// Waits for the first announcement (already seen or to come) that satisfies `pred`, for at
+    /// most `limit`. Follows the capture as frames arrive.
+    pub async fn wait(&mut self, limit: Duration, mut pred: impl FnMut(&Announcement) -> bool) -> Option<Announcement> {
+        let found = tokio::time::timeout(limit, self.seen.wait_for(|all| all.iter().any(&mut pred))).await;
+        match found {
+            Ok(Ok(all)) => all.iter().find(|a| pred(a)).cloned(),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for AnnouncementCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// On the calling thread: joins the namespace at `path`, and opens a packet socket for every
+/// protocol, bound to `device`, with a 100 ms receive timeout.
+fn open_capture(path: &str, device: &str) -> Result<OwnedFd, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("opening {path}: {e}"))?;
+    // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns into {path}: {}", std::io::Error::last_os_error()));
+    }
+    let name = std::ffi::CString::new(device).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(format!("no interface {device} in {path}"));
+    }
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol as libc::c_int) };
+    if fd < 0 {
+        return Err(format!("packet socket (needs CAP_NET_RAW): {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a zeroed sockaddr_ll with family, protocol and interface set, of its own size.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = protocol;
+    address.sll_ifindex = index as i32;
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&address as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(format!("bind the packet socket to {device}: {}", std::io::Error::last_os_error()));
+    }
+    let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    // SAFETY: SO_RCVTIMEO with a timeval of its size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(format!("SO_RCVTIMEO: {}", std::io::Error::last_os_error()));
+    }
+    Ok(socket)
+}
+
+/// The address and MAC an Ethernet frame announces, if it is a gratuitous ARP (sender IP =
+/// target IP) or an unsolicited neighbour advertisement (Solicited flag clear).
+fn parse_announcement(frame: &[u8]) -> Option<(IpAddr, String)> {
+    let mac = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
+        0x0806 if frame.len() >= 42 => {
+            let arp = &frame[14..42];
+            // Ethernet/IPv4 ARP only.
+            if arp[0..2] != [0, 1] || arp[2..4] != [0x08, 0x00] || arp[4] != 6 || arp[5] != 4 {
+                return None;
+            }
+            let (sender, target) = (&arp[14..18], &arp[24..28]);
+            if sender != target {
+                return None;
+            }
+            let ip = Ipv4Addr::new(sender[0], sender[1], sender[2], sender[3]);
+            Some((IpAddr::V4(ip), mac(&arp[8..14])))
+        }
+        0x86dd if frame.len() >= 14 + 40 + 24 => {
+            let (ipv6, icmp) = (&frame[14..54], &frame[54..]);
+            // Next header ICMPv6, type neighbour advertisement, Solicited flag clear.
+            if ipv6[6] != 58 || icmp[0] != 136 || icmp[4] & 0x40 != 0 {
+                return None;
+            }
+            let target: [u8; 16] = icmp[8..24].try_into().ok()?;
+            Some((IpAddr::V6(Ipv6Addr::from(target)), mac(&frame[6..12])))
+        }
+        _ => None,
     }
 }

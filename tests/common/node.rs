@@ -8,18 +8,26 @@
 //! panics; then it prints the tail of the node's stderr (kept in a file of its temporary
 //! directory) so the failure comes with the node's side of the story.
 //!
+//! A node can run inside a network namespace of the tests ([`NodeConfig::netns`]: the binary is
+//! started through `ip netns exec`, which execs it in place, so the pid is still the node's) and
+//! listen on an address there ([`NodeConfig::listen`]). Its stderr is read line by line as it
+//! comes ([`NodeProcess::wait_stderr`] waits for a line), and copied to the log file. A node
+//! killed or stopped can be started again with its data directory ([`NodeProcess::restart`]).
+//!
 //! The binaries are found next to the test binary: `target/<profile>/deps/<test>` runs, the
 //! examples live in `target/<profile>/examples/`. `cargo test --all-targets` builds them;
 //! `cargo test --test <name>` alone does not (run `cargo build --examples` first).
 
-use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// How long a node may take to print `listening on ADDR` after it was launched.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -63,6 +71,23 @@ pub struct NodeConfig {
     pub sim_steps: Option<u64>,
     /// `--sim-step-ms`.
     pub sim_step_ms: Option<u64>,
+    /// `--volumes-root`: the file backend's root, shared by nodes that share a block service.
+    /// Without `sim_steps` the node runs the real copy engine over it.
+    pub volumes_root: Option<PathBuf>,
+    /// Run the node inside this network namespace (`ip netns exec NETNS task_server ...`).
+    pub netns: Option<String>,
+    /// `--listen`; `127.0.0.1:0` when `None`.
+    pub listen: Option<String>,
+    /// `--no-vips`.
+    pub no_vips: bool,
+    /// `--vip-check-interval-ms`.
+    pub vip_check_interval_ms: Option<u64>,
+    /// `--arp-rounds`.
+    pub arp_rounds: Option<u32>,
+    /// `--arp-interval-ms`.
+    pub arp_interval_ms: Option<u64>,
+    /// `--arp-refresh-ms`.
+    pub arp_refresh_ms: Option<u64>,
 }
 
 impl NodeConfig {
@@ -77,6 +102,14 @@ impl NodeConfig {
             sweep_interval_ms: None,
             sim_steps: None,
             sim_step_ms: None,
+            volumes_root: None,
+            netns: None,
+            listen: None,
+            no_vips: false,
+            vip_check_interval_ms: None,
+            arp_rounds: None,
+            arp_interval_ms: None,
+            arp_refresh_ms: None,
         }
     }
 
@@ -87,7 +120,7 @@ impl NodeConfig {
             "--zookeeper".into(),
             self.zookeeper.clone(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            self.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into()),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
@@ -102,17 +135,30 @@ impl NodeConfig {
         flag("--sweep-interval-ms", self.sweep_interval_ms.map(|v| v.to_string()));
         flag("--sim-steps", self.sim_steps.map(|v| v.to_string()));
         flag("--sim-step-ms", self.sim_step_ms.map(|v| v.to_string()));
+        flag("--volumes-root", self.volumes_root.as_ref().map(|v| v.display().to_string()));
+        flag("--vip-check-interval-ms", self.vip_check_interval_ms.map(|v| v.to_string()));
+        flag("--arp-rounds", self.arp_rounds.map(|v| v.to_string()));
+        flag("--arp-interval-ms", self.arp_interval_ms.map(|v| v.to_string()));
+        flag("--arp-refresh-ms", self.arp_refresh_ms.map(|v| v.to_string()));
+        if self.no_vips {
+            args.push("--no-vips".into());
+        }
         args
     }
 }
 
 /// A `task_server` process. Killed by pid and reaped when dropped.
 pub struct NodeProcess {
+    config: NodeConfig,
     node_id: String,
     address: String,
     pid: libc::pid_t,
     /// `None` once reaped.
     child: Option<Child>,
+    /// Every line the node wrote to stderr, across restarts (also copied to `stderr.log`).
+    stderr: watch::Sender<Vec<String>>,
+    /// The thread copying the current process's stderr; it ends when the process does.
+    stderr_reader: Option<thread::JoinHandle<()>>,
     /// The node's data directory and its stderr log; removed after the node is gone.
     dir: tempfile::TempDir,
 }
@@ -121,17 +167,45 @@ impl NodeProcess {
     /// Launches a node and waits until it prints `listening on ADDR`. Panics with the tail of its
     /// stderr if it exits first or does not serve within 30 s.
     pub async fn start(config: &NodeConfig) -> NodeProcess {
-        let binary = example_binary("task_server");
         let dir = tempfile::Builder::new().prefix(&format!("tc-node-{}-", config.node_id)).tempdir().expect("temp dir");
-        let stderr = File::create(dir.path().join("stderr.log")).expect("create the node's stderr log");
-        let mut cmd = Command::new(binary);
-        cmd.args(config.args(&dir.path().join("data")))
-            .env("TASK_CENTER_SECRET", &config.secret)
+        let mut node = NodeProcess {
+            config: config.clone(),
+            node_id: config.node_id.clone(),
+            address: String::new(),
+            pid: 0,
+            child: None,
+            stderr: watch::Sender::new(Vec::new()),
+            stderr_reader: None,
+            dir,
+        };
+        node.launch().await;
+        node
+    }
+
+    /// Starts the node again, with the same configuration and data directory, after it was
+    /// killed or stopped; waits until it serves (its address may change). Panics if it runs.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart() of a running node {}: kill_9() or terminate() it first", self.node_id);
+        self.launch().await;
+    }
+
+    async fn launch(&mut self) {
+        let binary = example_binary("task_server");
+        let mut cmd = match &self.config.netns {
+            None => Command::new(binary),
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns.as_str()]).arg(binary);
+                cmd
+            }
+        };
+        cmd.args(self.config.args(&self.dir.path().join("data")))
+            .env("TASK_CENTER_SECRET", &self.config.secret)
             .env("RUST_LOG", std::env::var("TC_NODE_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr);
+            .stderr(Stdio::piped());
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
         unsafe {
@@ -147,11 +221,15 @@ impl NodeProcess {
             });
         }
         let mut child = spawn_from_launcher(cmd).unwrap_or_else(|e| panic!("cannot launch task_server: {e}"));
-        let pid = child.id() as libc::pid_t;
+        self.pid = child.id() as libc::pid_t;
         let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        self.child = Some(child);
+        self.stderr_reader =
+            Some(copy_stderr(&self.node_id, stderr, &self.dir.path().join("stderr.log"), &self.stderr));
         let (tx, rx) = tokio::sync::oneshot::channel::<String>();
         thread::Builder::new()
-            .name(format!("node-{}-stdout", config.node_id))
+            .name(format!("node-{}-stdout", self.node_id))
             .spawn(move || {
                 let mut tx = Some(tx);
                 // Read to the end, so the node never blocks on a full pipe.
@@ -165,25 +243,23 @@ impl NodeProcess {
                 }
             })
             .expect("start the stdout reader");
-        let mut node =
-            NodeProcess { node_id: config.node_id.clone(), address: String::new(), pid, child: Some(child), dir };
         match tokio::time::timeout(START_DEADLINE, rx).await {
-            Ok(Ok(address)) => node.address = address,
+            Ok(Ok(address)) => self.address = address,
             Ok(Err(_)) => {
-                let status = node.child.as_mut().and_then(|c| c.wait().ok());
+                let status = self.child.take().and_then(|mut c| c.wait().ok());
+                self.finish_stderr();
                 panic!(
                     "node {} exited ({status:?}) before serving; stderr tail:\n{}",
-                    node.node_id,
-                    node.stderr_tail(TAIL_LINES)
+                    self.node_id,
+                    self.stderr_tail(TAIL_LINES)
                 );
             }
             Err(_) => panic!(
                 "node {} did not print `listening on` within {START_DEADLINE:?}; stderr tail:\n{}",
-                node.node_id,
-                node.stderr_tail(TAIL_LINES)
+                self.node_id,
+                self.stderr_tail(TAIL_LINES)
             ),
         }
-        node
     }
 
     /// The node's id.
@@ -191,7 +267,7 @@ impl NodeProcess {
         &self.node_id
     }
 
-    /// Its transport address (`127.0.0.1:PORT`).
+    /// Its transport address (`127.0.0.1:PORT`, or on its `--listen` address).
     pub fn address(&self) -> &str {
         &self.address
     }
@@ -219,6 +295,7 @@ impl NodeProcess {
                 libc::kill(self.pid, libc::SIGKILL);
             }
             let _ = child.wait();
+            self.finish_stderr();
         }
     }
 
@@ -232,7 +309,7 @@ impl NodeProcess {
         }
         let pid = self.pid;
         let mut waiter = tokio::task::spawn_blocking(move || child.wait());
-        match tokio::time::timeout(TERMINATE_DEADLINE, &mut waiter).await {
+        let status = match tokio::time::timeout(TERMINATE_DEADLINE, &mut waiter).await {
             Ok(joined) => joined.ok().and_then(|r| r.ok()),
             Err(_) => {
                 eprintln!("node {} ignored SIGTERM for {TERMINATE_DEADLINE:?}: killing it", self.node_id);
@@ -242,7 +319,53 @@ impl NodeProcess {
                 }
                 waiter.await.ok().and_then(|r| r.ok())
             }
+        };
+        self.finish_stderr();
+        status
+    }
+
+    /// Waits (up to 2 s) for the stderr copier of an exited process to reach the end of its
+    /// pipe, so the log holds the process's last words.
+    fn finish_stderr(&mut self) {
+        let Some(reader) = self.stderr_reader.take() else { return };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
         }
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
+    }
+
+    /// How many lines the node has written to stderr so far (across restarts): a mark for
+    /// [`NodeProcess::wait_stderr`].
+    pub fn stderr_mark(&self) -> usize {
+        self.stderr.borrow().len()
+    }
+
+    /// Every stderr line after `mark` (see [`NodeProcess::stderr_mark`]).
+    pub fn stderr_since(&self, mark: usize) -> Vec<String> {
+        self.stderr.borrow().iter().skip(mark).cloned().collect()
+    }
+
+    /// Waits until the node writes, after `mark`, a stderr line that contains every one of
+    /// `needles`, and returns it. Follows the lines as they come (no polling). Panics with the
+    /// tail of the log after `limit`.
+    pub async fn wait_stderr(&self, mark: usize, needles: &[&str], limit: Duration) -> String {
+        let matches = |line: &String| needles.iter().all(|needle| line.contains(needle));
+        let mut lines = self.stderr.subscribe();
+        let found = tokio::time::timeout(limit, async {
+            let lines = lines.wait_for(|lines| lines.iter().skip(mark).any(matches)).await.expect("the sender lives");
+            lines.iter().skip(mark).find(|line| matches(line)).cloned().expect("a matching line")
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "node {} wrote no line with {needles:?} within {limit:?}; stderr tail:\n{}",
+                self.node_id,
+                self.stderr_tail(TAIL_LINES)
+            )
+        })
     }
 
     /// The last `lines` lines of the node's stderr.
@@ -251,6 +374,28 @@ impl NodeProcess {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// Copies a node's stderr, line by line as it comes, to `path` (appending) and to `lines`; the
+/// thread ends at the end of the pipe, when the process is gone.
+fn copy_stderr(
+    node_id: &str,
+    stderr: ChildStderr,
+    path: &Path,
+    lines: &watch::Sender<Vec<String>>,
+) -> thread::JoinHandle<()> {
+    let mut file = OpenOptions::new().create(true).append(true).open(path).expect("open the node's stderr log");
+    let lines = lines.clone();
+    thread::Builder::new()
+        .name(format!("node-{node_id}-stderr"))
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(file, "{line}");
+                lines.send_modify(|lines| lines.push(line));
+            }
+        })
+        .expect("start the stderr reader")
 }
 
 impl Drop for NodeProcess {

@@ -1,5 +1,6 @@
 //! A real ZooKeeper server, from Debian's `zookeeper` package, launched by the tests themselves on
-//! a free loopback port with its own temporary data directory.
+//! a free loopback port with its own temporary data directory, or ([`ZkServer::start_in_netns`])
+//! inside a network namespace of the tests, listening on an address there (`ip netns exec`).
 //!
 //! Every server is forked by one launcher thread that lives as long as the test process, and the
 //! child asks the kernel (`PR_SET_PDEATHSIG`) to SIGKILL it when that thread goes away, so no
@@ -10,6 +11,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,7 +37,10 @@ const TICK_MS: u32 = 200;
 
 /// A ZooKeeper server process. Killed (by pid) and its data removed when dropped.
 pub struct ZkServer {
-    port: u16,
+    /// The client address: `127.0.0.1:PORT`, or an address inside `netns`.
+    address: SocketAddr,
+    /// The network namespace the server runs in (`ip netns exec`), or `None` for the host's.
+    netns: Option<String>,
     dir: PathBuf,
     /// Removes the directory when the server is dropped (statics are cleaned at exit instead).
     _tempdir: tempfile::TempDir,
@@ -48,18 +53,12 @@ impl ZkServer {
     /// Panics with [`NOT_INSTALLED`] when ZooKeeper or Java is missing, and with the tail of the
     /// server's log when it does not serve within 30 s.
     pub fn start() -> ZkServer {
-        ensure_installed();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let tempdir = tempfile::Builder::new().prefix("tc-zookeeper-").tempdir().expect("create a temp dir");
-            let dir = tempdir.path().to_path_buf();
-            let port = free_port();
-            write_config(&dir, port);
-            let server = ZkServer { port, dir, _tempdir: tempdir, child: Mutex::new(None) };
-            server.launch();
-            match server.wait_serving() {
-                Ok(()) => return server,
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            match Self::try_start(None, address) {
+                Ok(server) => return server,
                 // Another process took the port between our probe and the server's bind: retry.
                 Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
                 Err(log) => panic!("{log}"),
@@ -67,14 +66,44 @@ impl ZkServer {
         }
     }
 
-    /// The client port, on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
+    /// Launches a server inside network namespace `netns` (`ip netns exec NETNS java ...`),
+    /// listening on `address` (which must already be on one of the namespace's interfaces), and
+    /// waits until it answers `ruok` there. Clients in the namespace's reach connect to
+    /// [`ZkServer::connect_string`]; the test process itself (in the host's namespace) cannot.
+    ///
+    /// Panics as [`ZkServer::start`] does.
+    pub fn start_in_netns(netns: &str, address: SocketAddr) -> ZkServer {
+        Self::try_start(Some(netns.to_string()), address).unwrap_or_else(|log| panic!("{log}"))
     }
 
-    /// `127.0.0.1:PORT/chroot` (`chroot` may be empty or `/` for no chroot).
+    fn try_start(netns: Option<String>, address: SocketAddr) -> Result<ZkServer, String> {
+        ensure_installed();
+        let tempdir = tempfile::Builder::new().prefix("tc-zookeeper-").tempdir().expect("create a temp dir");
+        let dir = tempdir.path().to_path_buf();
+        write_config(&dir, address);
+        let server = ZkServer { address, netns, dir, _tempdir: tempdir, child: Mutex::new(None) };
+        server.launch();
+        server.wait_serving().map(|()| server)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// The client address (`127.0.0.1:PORT` unless started in a namespace).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The network namespace the server runs in, if not the host's.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// `ADDRESS:PORT/chroot` (`chroot` may be empty or `/` for no chroot).
     pub fn connect_string(&self, chroot: &str) -> String {
-        connect_string(self.port, chroot)
+        connect_string_at(self.address, chroot)
     }
 
     /// The server's temporary directory (configuration, data, `zookeeper.log`).
@@ -150,7 +179,15 @@ impl ZkServer {
             .append(true)
             .open(self.dir.join("zookeeper.log"))
             .expect("open the ZooKeeper log");
-        let mut cmd = Command::new("java");
+        let mut cmd = match &self.netns {
+            None => Command::new("java"),
+            // `ip netns exec` execs java in place: the child's pid is the JVM's.
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns.as_str(), "java"]);
+                cmd
+            }
+        };
         cmd.arg("-Xmx256m")
             .arg("-Dzookeeper.admin.enableServer=false")
             .arg("-cp")
@@ -184,7 +221,7 @@ impl ZkServer {
         let deadline = Instant::now() + START_DEADLINE;
         let mut backoff = Duration::from_millis(10);
         loop {
-            if ruok(self.port) {
+            if ruok_in(self.netns.as_deref(), self.address) {
                 return Ok(());
             }
             let exited = match self.child().as_mut() {
@@ -193,16 +230,18 @@ impl ZkServer {
             };
             if let Some(status) = exited {
                 return Err(format!(
-                    "ZooKeeper on 127.0.0.1:{} exited ({status}) before serving; log tail:\n{}",
-                    self.port,
+                    "ZooKeeper on {}{} exited ({status}) before serving; log tail:\n{}",
+                    self.address,
+                    self.netns.as_ref().map_or(String::new(), |ns| format!(" in namespace {ns}")),
                     self.log_tail(40)
                 ));
             }
             if Instant::now() >= deadline {
                 Self::kill_child(&mut self.child());
                 return Err(format!(
-                    "ZooKeeper on 127.0.0.1:{} did not answer ruok within {START_DEADLINE:?}; log tail:\n{}",
-                    self.port,
+                    "ZooKeeper on {}{} did not answer ruok within {START_DEADLINE:?}; log tail:\n{}",
+                    self.address,
+                    self.netns.as_ref().map_or(String::new(), |ns| format!(" in namespace {ns}")),
                     self.log_tail(40)
                 ));
             }
@@ -221,13 +260,18 @@ impl Drop for ZkServer {
 
 /// `127.0.0.1:PORT/chroot` (`chroot` may be empty or `/` for no chroot).
 pub fn connect_string(port: u16, chroot: &str) -> String {
+    connect_string_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), chroot)
+}
+
+/// `ADDRESS:PORT/chroot` (`chroot` may be empty or `/` for no chroot).
+pub fn connect_string_at(address: SocketAddr, chroot: &str) -> String {
     let chroot = chroot.trim_end_matches('/');
     if chroot.is_empty() {
-        format!("127.0.0.1:{port}")
+        format!("{address}")
     } else if chroot.starts_with('/') {
-        format!("127.0.0.1:{port}{chroot}")
+        format!("{address}{chroot}")
     } else {
-        format!("127.0.0.1:{port}/{chroot}")
+        format!("{address}/{chroot}")
     }
 }
 
@@ -288,14 +332,15 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
-fn write_config(dir: &Path, port: u16) {
+fn write_config(dir: &Path, address: SocketAddr) {
+    let (host, port) = (address.ip(), address.port());
     let data = dir.join("data");
     fs::create_dir_all(&data).expect("create the ZooKeeper data dir");
     let config = format!(
         "tickTime={TICK_MS}\n\
          dataDir={}\n\
          clientPort={port}\n\
-         clientPortAddress=127.0.0.1\n\
+         clientPortAddress={host}\n\
          admin.enableServer=false\n\
          4lw.commands.whitelist=*\n\
          minSessionTimeout={}\n\
@@ -310,7 +355,31 @@ fn write_config(dir: &Path, port: u16) {
 
 /// Whether a server answers the four-letter word `ruok` with `imok` on 127.0.0.1:`port`.
 pub fn ruok(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    ruok_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// [`ruok_at`] from inside network namespace `netns` (`None`: the host's): on a short-lived
+/// thread that joins the namespace first (`setns` changes only the calling thread's).
+pub fn ruok_in(netns: Option<&str>, addr: SocketAddr) -> bool {
+    let Some(netns) = netns else { return ruok_at(addr) };
+    let path = format!("/run/netns/{netns}");
+    thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let Ok(file) = File::open(&path) else { return false };
+                // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return false;
+                }
+                ruok_at(addr)
+            })
+            .join()
+            .unwrap_or(false)
+    })
+}
+
+/// Whether a server answers the four-letter word `ruok` with `imok` at `addr`.
+pub fn ruok_at(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
