@@ -5,14 +5,24 @@
 //! taskctl --node 127.0.0.1:7401 task create --source-volume vol-a --target-volume vol-b \
 //!     --source-hosts 198.51.100.1:10201 --target-hosts 203.0.113.1:10201 --run-window 01:00-05:00
 //! taskctl --node 127.0.0.1:7401 task list --state running
+//! taskctl --node 127.0.0.1:7401 task watch 0190b6d2-...
 //! taskctl --node 127.0.0.1:7401 task set-runtime 0190b6d2-... 01:00 05:00
 //! taskctl --node 127.0.0.1:7401 --json runners
 //! ```
 //!
 //! Output is an aligned table for people, or JSON with `--json` for scripts. Errors go to stderr
 //! as one line, with exit status 1 for a refused request and 2 for bad usage or no connection.
+//!
+//! `task watch ID` follows a task until it ends: one line redrawn in place (`\r`) about every
+//! 500 ms with a progress bar, the percentage, the bytes copied and skipped, the rate and the
+//! time left; then the final state on its own line. With `--json` it prints the task as one JSON
+//! line per refresh instead (the schema of `task show --json`). It exits 0 if the task succeeded
+//! and 1 if it failed or was canceled (130 on Ctrl-C, which leaves the task alone). Rate and time
+//! left come from the progress the runner last committed (once per extent), so they move in
+//! steps.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -97,6 +107,13 @@ enum TaskCommand {
     },
     /// One task.
     Show { id: String },
+    /// Follow a task until it ends, redrawing its progress in place; exit 0 if it succeeded.
+    Watch {
+        id: String,
+        /// Time between two refreshes.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+    },
     /// Tasks, oldest first.
     List {
         /// pending, running, paused, succeeded, failed or canceled.
@@ -164,7 +181,7 @@ fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
             };
             ClientRequest::Create { id, spec, run_window }
         }
-        TaskCommand::Show { id: s } => ClientRequest::Show { id: id(&s)? },
+        TaskCommand::Show { id: s } | TaskCommand::Watch { id: s, .. } => ClientRequest::Show { id: id(&s)? },
         TaskCommand::List { state, from_ms, to_ms, limit } => ClientRequest::List(ListFilter {
             state: state.map(|s| s.parse::<TaskState>()).transpose()?,
             created_from_ms: from_ms,
@@ -187,7 +204,19 @@ fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
     })
 }
 
-async fn run(cli: Cli) -> Result<String, Failure> {
+/// What a command prints last, and its exit status.
+struct Done {
+    out: String,
+    code: i32,
+}
+
+impl Done {
+    fn ok(out: String) -> Self {
+        Done { out, code: 0 }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Done, Failure> {
     let secret = match (&cli.secret, &cli.secret_file) {
         (Some(secret), _) => secret.clone().into_bytes(),
         (None, Some(path)) => std::fs::read(path)
@@ -196,6 +225,10 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         (None, None) => {
             return Err(Failure(2, "a cluster secret is required: TASK_CENTER_SECRET or --secret-file".into()))
         }
+    };
+    let watch_interval = match &cli.command {
+        Command::Task(TaskCommand::Watch { interval_ms, .. }) => Some(Duration::from_millis(*interval_ms)),
+        _ => None,
     };
     let request = match cli.command {
         Command::Task(command) => request_of(command)?,
@@ -214,8 +247,113 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         Command::Vip(VipCommand::List) => ClientRequest::ListVips,
     };
     let transport = TcpTransport::new(TcpConfig::new(secret)).map_err(|e| Failure(2, e.to_string()))?;
-    let reply = call(&transport, &cli.node, request, Duration::from_millis(cli.timeout_ms)).await?;
-    Ok(if cli.json { json(&reply) } else { table(&reply) })
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    if let Some(interval) = watch_interval {
+        return watch(&transport, &cli.node, request, cli.json, interval, timeout).await;
+    }
+    let reply = call(&transport, &cli.node, request, timeout).await?;
+    Ok(Done::ok(if cli.json { json(&reply) } else { table(&reply) }))
+}
+
+/// `task watch`: shows the task (`request` is its `Show`) every `interval` until it is terminal.
+/// Each refresh redraws one line in place, or prints one JSON line with `json`. Returns the final
+/// state's line, with exit status 0 if the task succeeded and 1 otherwise (130 on Ctrl-C, which
+/// leaves the task alone).
+async fn watch(
+    transport: &TcpTransport,
+    node: &str,
+    request: ClientRequest,
+    json: bool,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<Done, Failure> {
+    tokio::select! {
+        done = follow(transport, node, request, json, interval, timeout) => done,
+        _ = tokio::signal::ctrl_c() => {
+            // Leave the terminal on a fresh line.
+            if !json {
+                println!();
+            }
+            Ok(Done { out: String::new(), code: 130 })
+        }
+    }
+}
+
+/// The refreshes of [`watch`], until the task is terminal.
+async fn follow(
+    transport: &TcpTransport,
+    node: &str,
+    request: ClientRequest,
+    json: bool,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<Done, Failure> {
+    let mut width: usize = 0;
+    loop {
+        let task = match call(transport, node, request.clone(), timeout).await? {
+            ClientReply::Task(task) => task,
+            other => return Err(Failure(2, format!("unexpected answer {other:?}"))),
+        };
+        let mut stdout = std::io::stdout().lock();
+        if json {
+            let line = serde_json::to_string(&task).expect("tasks serialize");
+            let _ = writeln!(stdout, "{line}");
+        } else {
+            // Spaces over what is left of a longer previous line.
+            let line = progress_line(&task);
+            let len = line.chars().count();
+            let _ = write!(stdout, "\r{line}{}", " ".repeat(width.saturating_sub(len)));
+            width = len;
+        }
+        let _ = stdout.flush();
+        drop(stdout);
+        if task.state().is_terminal() {
+            if !json {
+                println!();
+            }
+            let code = if task.state() == TaskState::Succeeded { 0 } else { 1 };
+            return Ok(Done { out: if json { String::new() } else { final_line(&task) }, code });
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// One line of a task's progress: state, bar, percentage, bytes, rate and time left.
+fn progress_line(t: &Task) -> String {
+    const BAR: usize = 30;
+    let p = &t.progress;
+    let filled = match p.total_bytes {
+        Some(total) if total > 0 => (p.cursor_bytes.min(total) as u128 * BAR as u128 / total as u128) as usize,
+        Some(_) => BAR,
+        None => 0,
+    };
+    let skipped = p.counters.total() - p.counters.bytes_copied;
+    format!(
+        "{:<9} [{}{}] {:>6}  copied {}, skipped {}  {}  eta {}",
+        t.state().to_string(),
+        "#".repeat(filled),
+        ".".repeat(BAR - filled),
+        percent(t),
+        bytes(p.counters.bytes_copied),
+        bytes(skipped),
+        rate(t),
+        eta(t)
+    )
+}
+
+/// The line saying how a watched task ended.
+fn final_line(t: &Task) -> String {
+    let mut line = format!("task {} {}", t.id, t.state());
+    if let Some(reason) = &t.status.reason {
+        let _ = write!(line, ": {reason}");
+    }
+    if t.state() == TaskState::Succeeded {
+        let p = &t.progress;
+        let skipped = p.counters.total() - p.counters.bytes_copied;
+        let _ = write!(line, " ({} copied, {} skipped)", bytes(p.counters.bytes_copied), bytes(skipped));
+    }
+    line.push('\n');
+    line
 }
 
 /// Sends the request, retrying while the cluster says "try again" (electing a leader).
@@ -329,7 +467,13 @@ fn show(t: &Task) -> String {
     line("run window", t.run_window().map_or("any time".into(), |w| w.to_string()));
     line("spec", spec_summary(&t.control.spec));
     let p = &t.progress;
-    line("progress", format!("{} of {}", bytes(p.cursor_bytes), p.total_bytes.map_or("?".into(), bytes)));
+    line(
+        "progress",
+        format!("{} of {} ({})", bytes(p.cursor_bytes), p.total_bytes.map_or("?".into(), bytes), percent(t)),
+    );
+    line("extent", extent(t));
+    line("rate", rate(t));
+    line("eta", eta(t));
     line("copied", bytes(p.counters.bytes_copied));
     line(
         "skipped",
@@ -343,8 +487,72 @@ fn show(t: &Task) -> String {
     if let Some(digest) = &p.digest {
         line("digest", digest.clone());
     }
-    line("created", format!("{} ms", t.control.created_at_ms));
+    if p.updated_at_ms > 0 {
+        line("updated", timestamp(p.updated_at_ms));
+    }
+    line("created", timestamp(t.control.created_at_ms));
     out
+}
+
+/// Unix milliseconds as `2024-05-01 12:34:56 UTC`.
+fn timestamp(ms: i64) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(at) => at.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        Err(_) => format!("{ms} ms since the epoch"),
+    }
+}
+
+/// The extent the cursor is in, 1-based, of how many: `3 of 16 (32.0 MiB each)`.
+fn extent(t: &Task) -> String {
+    let TaskSpec::CopyVolume(spec) = &t.control.spec;
+    let size = spec.options.extent_size_bytes.max(1);
+    let cursor = t.progress.cursor_bytes;
+    match t.progress.total_bytes {
+        Some(total) => {
+            let count = total.div_ceil(size);
+            if cursor >= total {
+                format!("all {count} done ({} each)", bytes(size))
+            } else {
+                format!("{} of {count} ({} each)", cursor / size + 1, bytes(size))
+            }
+        }
+        None => format!("{} ({} each)", cursor / size + 1, bytes(size)),
+    }
+}
+
+/// The rate of the current (or last) run, as the runner last committed it.
+fn rate(t: &Task) -> String {
+    match t.progress.rate_bytes_per_second {
+        0 => "-".into(),
+        r => format!("{}/s", bytes(r)),
+    }
+}
+
+/// Time left at the committed rate: only for a running task whose size and rate are known.
+fn eta(t: &Task) -> String {
+    let p = &t.progress;
+    match (t.state(), p.total_bytes) {
+        (s, _) if s.is_terminal() => "-".into(),
+        (TaskState::Running, Some(total)) if p.rate_bytes_per_second > 0 => {
+            duration(total.saturating_sub(p.cursor_bytes).div_ceil(p.rate_bytes_per_second))
+        }
+        (TaskState::Running, _) => "?".into(),
+        _ => "-".into(),
+    }
+}
+
+/// Seconds as `45s`, `3m05s`, `1h02m` or `2d03h`.
+fn duration(seconds: u64) -> String {
+    let (m, h, d) = (seconds / 60, seconds / 3600, seconds / 86_400);
+    if d > 0 {
+        format!("{d}d{:02}h", h % 24)
+    } else if h > 0 {
+        format!("{h}h{:02}m", m % 60)
+    } else if m > 0 {
+        format!("{m}m{:02}s", seconds % 60)
+    } else {
+        format!("{seconds}s")
+    }
 }
 
 fn spec_summary(spec: &TaskSpec) -> String {
@@ -403,7 +611,13 @@ fn aligned(headers: &[&str], rows: &[Vec<String>]) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     match run(Cli::parse()).await {
-        Ok(out) => print!("{out}"),
+        Ok(Done { out, code }) => {
+            print!("{out}");
+            if code != 0 {
+                let _ = std::io::stdout().flush();
+                std::process::exit(code);
+            }
+        }
         Err(Failure(code, message)) => {
             eprintln!("taskctl: {message}");
             std::process::exit(code);

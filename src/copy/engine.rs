@@ -900,6 +900,9 @@ async fn absorb(
     if source.len() <= INLINE_HASH_MAX_BYTES {
         hashers.0.absorb(&source);
         hashers.1.absorb(&target);
+        // Blocks that need no I/O (holes) arrive ready: give the node's thread back between
+        // blocks, so that a long run of them cannot starve the session and the actors.
+        tokio::task::yield_now().await;
         return Ok(hashers);
     }
     let work = tokio::task::spawn_blocking(move || {
