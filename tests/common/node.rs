@@ -140,7 +140,8 @@ impl NodeConfig {
         flag("--arp-rounds", self.arp_rounds.map(|v| v.to_string()));
         flag("--arp-interval-ms", self.arp_interval_ms.map(|v| v.to_string()));
         flag("--arp-refresh-ms", self.arp_refresh_ms.map(|v| v.to_string()));
-        if self.no_vips {
+        // A node in the host's own namespace never manages VIPs: tests touch no host interface.
+        if self.no_vips || self.netns.is_none() {
             args.push("--no-vips".into());
         }
         args
