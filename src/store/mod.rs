@@ -208,23 +208,12 @@ impl TaskStore {
     where
         F: FnMut(&mut TaskControl) -> Result<()> + Send,
     {
-        for attempt in 0..CAS_ATTEMPTS {
-            let mut task = self.get(id).await?;
+        self.rewrite(id, fence, Record::Control, |task| {
             change(&mut task.control)?;
             task.control.updated_at_ms = self.clock.now_ms();
-            let ops = vec![
-                fence.check(),
-                Op::Set { path: layout::task(id), data: encode(&task.control), expected: Some(task.versions.control) },
-            ];
-            match self.coord.multi(ops).await {
-                Ok(results) => {
-                    task.versions.control = set_version(&results, 1);
-                    return Ok(task);
-                }
-                Err(e) => retry_on_bad_version(fence_error(e, fence)?, attempt).await?,
-            }
-        }
-        Err(StoreError::Conflict { id: *id, record: "control" })
+            Ok(true)
+        })
+        .await
     }
 
     /// Moves a task's status through the transition table. `decide` sees the task as stored and
@@ -234,50 +223,59 @@ impl TaskStore {
     where
         F: FnMut(&Task) -> Result<Option<(TaskState, Change)>> + Send,
     {
-        for attempt in 0..CAS_ATTEMPTS {
-            let mut task = self.get(id).await?;
-            let Some((to, change)) = decide(&task)? else { return Ok(task) };
+        self.rewrite(id, fence, Record::Status, |task| {
+            let Some((to, change)) = decide(task)? else { return Ok(false) };
             task.status = task.status.transition(to, change, self.clock.now_ms())?;
-            let ops = vec![
-                fence.check(),
-                Op::Set { path: layout::status(id), data: encode(&task.status), expected: Some(task.versions.status) },
-            ];
-            match self.coord.multi(ops).await {
-                Ok(results) => {
-                    task.versions.status = set_version(&results, 1);
-                    debug!(task = %id, state = %to, "status changed");
-                    return Ok(task);
-                }
-                Err(e) => retry_on_bad_version(fence_error(e, fence)?, attempt).await?,
-            }
-        }
-        Err(StoreError::Conflict { id: *id, record: "status" })
+            debug!(task = %task.id, state = %to, "status changing");
+            Ok(true)
+        })
+        .await
     }
 
     /// Sets or clears the waiting note of a task's status without changing its state (why a
     /// task is not moving: `waiting for run window, opens ...`). A no-op if the note is already
     /// the same. Returns the task as stored after.
     pub async fn annotate(&self, id: &TaskId, fence: &Fence, waiting: Option<String>) -> Result<Task> {
-        for attempt in 0..CAS_ATTEMPTS {
-            let mut task = self.get(id).await?;
+        self.rewrite(id, fence, Record::Status, |task| {
             if task.status.waiting == waiting {
-                return Ok(task);
+                return Ok(false);
             }
             task.status.waiting = waiting.clone();
             task.status.updated_at_ms = self.clock.now_ms();
-            let ops = vec![
-                fence.check(),
-                Op::Set { path: layout::status(id), data: encode(&task.status), expected: Some(task.versions.status) },
-            ];
-            match self.coord.multi(ops).await {
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The compare-and-set loop under every control and status change: reads the task, lets
+    /// `edit` change it (`false`: leave it as it is), and writes `record` back under `fence` if
+    /// it is still at the version read; retries a lost race with backoff.
+    async fn rewrite<F>(&self, id: &TaskId, fence: &Fence, record: Record, mut edit: F) -> Result<Task>
+    where
+        F: FnMut(&mut Task) -> Result<bool> + Send,
+    {
+        for attempt in 0..CAS_ATTEMPTS {
+            let mut task = self.get(id).await?;
+            if !edit(&mut task)? {
+                return Ok(task);
+            }
+            let (path, data, expected) = match record {
+                Record::Control => (layout::task(id), encode(&task.control), task.versions.control),
+                Record::Status => (layout::status(id), encode(&task.status), task.versions.status),
+            };
+            match self.coord.multi(vec![fence.check(), Op::Set { path, data, expected: Some(expected) }]).await {
                 Ok(results) => {
-                    task.versions.status = set_version(&results, 1);
+                    let version = set_version(&results, 1);
+                    match record {
+                        Record::Control => task.versions.control = version,
+                        Record::Status => task.versions.status = version,
+                    }
                     return Ok(task);
                 }
                 Err(e) => retry_on_bad_version(fence_error(e, fence)?, attempt).await?,
             }
         }
-        Err(StoreError::Conflict { id: *id, record: "status" })
+        Err(StoreError::Conflict { id: *id, record: record.name() })
     }
 
     /// Claims a task for `runner`. Fails with [`StoreError::Claimed`] if another runner holds it;
@@ -503,6 +501,22 @@ impl TaskStore {
     async fn read_stat<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Stat)> {
         let (data, stat) = self.coord.get(path).await?;
         Ok((decode(path, &data)?, stat))
+    }
+}
+
+/// The records a compare-and-set rewrites.
+#[derive(Clone, Copy, Debug)]
+enum Record {
+    Control,
+    Status,
+}
+
+impl Record {
+    fn name(self) -> &'static str {
+        match self {
+            Record::Control => "control",
+            Record::Status => "status",
+        }
     }
 }
 
