@@ -97,6 +97,11 @@ use crate::model::SnapshotId;
 /// stream, small enough that the buffer does not matter.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// Bytes written to an open volume between two starts of write-back
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk writes while the copy goes on, instead of
+/// all at the next `fdatasync`, and the dirty pages never pile up to the kernel's own threshold.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
 /// Numbers temporary files within this process (with the pid, their names are unique).
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 
@@ -278,6 +283,9 @@ struct ImageFile {
     file: Arc<File>,
     path: Arc<Path>,
     size: u64,
+    /// Bytes written through this handle; write-back starts each time it passes a multiple of
+    /// [`WRITEBACK_BYTES`].
+    written: Arc<AtomicU64>,
 }
 
 impl ImageFile {
@@ -286,7 +294,7 @@ impl ImageFile {
             let file = OpenOptions::new().read(true).write(writable).open(&path);
             let file = file.map_err(|err| io_error(what, &path, err))?;
             let size = file.metadata().map_err(|err| io_error("stat", &path, err))?.len();
-            Ok(ImageFile { file: Arc::new(file), path: path.into(), size })
+            Ok(ImageFile { file: Arc::new(file), path: path.into(), size, written: Arc::default() })
         })
         .await
     }
@@ -337,8 +345,12 @@ impl ReadVolume for ImageFile {
 
     async fn read(&self, offset: u64, mut buf: Vec<u8>) -> BackendResult<Vec<u8>> {
         self.check_range("read", offset, buf.len() as u64)?;
+        let cached = read_cached(&self.file, &mut buf, offset);
+        if cached == buf.len() {
+            return Ok(buf);
+        }
         let what = format!("read {} bytes at {offset} from", buf.len());
-        self.run(what, move |file| file.read_exact_at(&mut buf, offset).map(|()| buf)).await
+        self.run(what, move |file| file.read_exact_at(&mut buf[cached..], offset + cached as u64).map(|()| buf)).await
     }
 }
 
@@ -347,7 +359,17 @@ impl WriteVolume for ImageFile {
     async fn write(&self, offset: u64, data: Vec<u8>) -> BackendResult<Vec<u8>> {
         self.check_range("write", offset, data.len() as u64)?;
         let what = format!("write {} bytes at {offset} to", data.len());
-        self.run(what, move |file| file.write_all_at(&data, offset).map(|()| data)).await
+        let written = self.written.clone();
+        self.run(what, move |file| {
+            file.write_all_at(&data, offset)?;
+            let len = data.len() as u64;
+            let before = written.fetch_add(len, Ordering::Relaxed);
+            if (before + len) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
+                start_writeback(file)?;
+            }
+            Ok(data)
+        })
+        .await
     }
 
     async fn zero(&self, range: Range<u64>) -> BackendResult<()> {
@@ -411,6 +433,42 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::ENXIO) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// Reads the start of `buf` at `offset` from the page cache only (`preadv2(RWF_NOWAIT)`: it
+/// returns at once rather than wait for the disk or a lock, so it may run on an async thread).
+/// Returns how many bytes it read: all of `buf` when it was cached, fewer (often none) when
+/// not, or on any error (the blocking read that follows reports it).
+fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        let Ok(at) = libc::off_t::try_from(offset + done as u64) else { break };
+        let rest = &mut buf[done..];
+        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        // SAFETY: `iov` points into `buf`, which outlives the call and is not otherwise
+        // borrowed; the descriptor is kept open by `file`.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n <= 0 {
+            break; // EAGAIN (not cached), EOPNOTSUPP, end of file, or an error
+        }
+        done += n as usize;
+    }
+    done
+}
+
+/// Starts writing back every dirty page of `file` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); durability still takes `fdatasync`.
+fn start_writeback(file: &File) -> io::Result<()> {
+    // SAFETY: sync_file_range on a descriptor that `file` keeps open; it touches no memory.
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // Not supported here (a filesystem without it): the next fdatasync writes everything.
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE | libc::EINTR) => Ok(()),
         _ => Err(err),
     }
 }
