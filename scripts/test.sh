@@ -20,10 +20,12 @@ as_root() {
     fi
 }
 
-step "system packages: zookeeper, java, iproute2"
-if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+step "system packages: zookeeper, java, iproute2, tzdata, rsync, qemu-utils"
+if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
+    || [ ! -d /usr/share/zoneinfo ] || ! command -v rsync >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1; then
     as_root apt-get update
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends zookeeper iproute2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        zookeeper iproute2 tzdata rsync qemu-utils
 else
     echo "already installed"
 fi
