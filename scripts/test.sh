@@ -43,8 +43,13 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo test --all-targets -- --test-threads=4"
-cargo test --all-targets -- --test-threads=4
+step "cargo test --lib --bins --tests --examples -- --test-threads=4"
+cargo test --lib --bins --tests --examples -- --test-threads=4
+
+# Benches run once each, in test mode (criterion's, and the peers comparison as a smoke run on
+# small volumes); their harnesses take no libtest flags.
+step "cargo test --benches"
+cargo test --benches
 
 step "cargo test --doc"
 cargo test --doc
