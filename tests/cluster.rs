@@ -69,16 +69,7 @@ const CALL: Duration = Duration::from_secs(40);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn spec(n: usize) -> TaskSpec {
-    TaskSpec::CopyVolume(CopyVolumeSpec {
-        source_volume: VolumeId::new(format!("src-{n}")).unwrap(),
-        target_volume: VolumeId::new(format!("dst-{n}")).unwrap(),
-        source_hosts: vec!["198.51.100.1:10201".into()],
-        target_hosts: vec!["203.0.113.1:10201".into()],
-        base_snapshot: None,
-        options: CopyOptions::default(),
-    })
-}
+use common::tasks::spec;
 
 fn node_config(id: &str, zookeeper: &str, session_timeout_ms: u64, tasks_per_runner: u32) -> NodeConfig {
     NodeConfig {

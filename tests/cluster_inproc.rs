@@ -12,23 +12,14 @@ use task_center::api::ApiError;
 use task_center::clock::SystemClock;
 use task_center::coord::{Coordination, EmbeddedServer};
 use task_center::exec::SimulatedExecutor;
-use task_center::model::{CopyOptions, CopyVolumeSpec, DesiredState, TaskSpec, TaskState, VolumeId};
+use task_center::model::{DesiredState, TaskState};
 use task_center::store::TaskStore;
 use task_center::transport::InProcessNetwork;
 use task_center::{TaskCenter, TaskCenterHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn spec(n: usize) -> TaskSpec {
-    TaskSpec::CopyVolume(CopyVolumeSpec {
-        source_volume: VolumeId::new(format!("src-{n}")).unwrap(),
-        target_volume: VolumeId::new(format!("dst-{n}")).unwrap(),
-        source_hosts: vec!["198.51.100.1:10201".into()],
-        target_hosts: vec!["203.0.113.1:10201".into()],
-        base_snapshot: None,
-        options: CopyOptions::default(),
-    })
-}
+use common::tasks::spec;
 
 struct Cluster {
     server: EmbeddedServer,

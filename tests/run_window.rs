@@ -11,7 +11,7 @@ use common::tasks::{wait_state, wait_task};
 use task_center::clock::ManualClock;
 use task_center::coord::{Coordination, ZkConfig, ZkCoordination};
 use task_center::exec::SimulatedExecutor;
-use task_center::model::{CopyOptions, CopyVolumeSpec, RunWindow, TaskSpec, TaskState, VolumeId};
+use task_center::model::{RunWindow, TaskState};
 use task_center::store::TaskStore;
 use task_center::transport::InProcessNetwork;
 use task_center::{TaskCenter, TaskCenterHandle};
@@ -19,16 +19,7 @@ use task_center::{TaskCenter, TaskCenterHandle};
 const WAIT: Duration = Duration::from_secs(30);
 const ZONE: &str = "Asia/Shanghai";
 
-fn spec(n: usize) -> TaskSpec {
-    TaskSpec::CopyVolume(CopyVolumeSpec {
-        source_volume: VolumeId::new(format!("src-{n}")).unwrap(),
-        target_volume: VolumeId::new(format!("dst-{n}")).unwrap(),
-        source_hosts: vec!["198.51.100.1:10201".into()],
-        target_hosts: vec!["203.0.113.1:10201".into()],
-        base_snapshot: None,
-        options: CopyOptions::default(),
-    })
-}
+use common::tasks::spec;
 
 fn window(s: &str) -> RunWindow {
     s.parse().unwrap()

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use task_center::coord::Coordination;
-use task_center::model::{TaskId, TaskState, TaskStatus};
+use task_center::model::{CopyOptions, CopyVolumeSpec, TaskId, TaskSpec, TaskState, TaskStatus, VolumeId};
 use task_center::store::layout;
 
 /// Waits until task `id`'s status record satisfies `pred`, watching the record (no polling), and
@@ -49,4 +49,17 @@ pub async fn wait_task(
 /// Waits until task `id` is in `state`.
 pub async fn wait_state(coord: &dyn Coordination, id: TaskId, state: TaskState, timeout: Duration) -> TaskStatus {
     wait_task(coord, id, timeout, |s| s.state == state).await
+}
+
+/// A copy-volume spec numbered `n` (volumes `src-n` -> `dst-n`), for tests whose executor does
+/// not touch volumes.
+pub fn spec(n: usize) -> TaskSpec {
+    TaskSpec::CopyVolume(CopyVolumeSpec {
+        source_volume: VolumeId::new(format!("src-{n}")).unwrap(),
+        target_volume: VolumeId::new(format!("dst-{n}")).unwrap(),
+        source_hosts: vec!["198.51.100.1:10201".into()],
+        target_hosts: vec!["203.0.113.1:10201".into()],
+        base_snapshot: None,
+        options: CopyOptions::default(),
+    })
 }
