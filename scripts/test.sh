@@ -43,8 +43,13 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo test --lib --bins --tests --examples -- --test-threads=4"
-cargo test --lib --bins --tests --examples -- --test-threads=4
+# The integration tests start the examples (task_server, taskctl) as processes; the test harness
+# builds them on first use too, but building them here keeps that out of the tests' deadlines.
+step "cargo build --examples"
+cargo build --examples
+
+step "cargo test --no-fail-fast --lib --bins --tests -- --test-threads=4"
+cargo test --no-fail-fast --lib --bins --tests -- --test-threads=4
 
 # Benches run once each, in test mode (criterion's, and the peers comparison as a smoke run on
 # small volumes); their harnesses take no libtest flags.

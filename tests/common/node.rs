@@ -14,9 +14,10 @@
 //! comes ([`NodeProcess::wait_stderr`] waits for a line), and copied to the log file. A node
 //! killed or stopped can be started again with its data directory ([`NodeProcess::restart`]).
 //!
-//! The binaries are found next to the test binary: `target/<profile>/deps/<test>` runs, the
-//! examples live in `target/<profile>/examples/`. `cargo test --all-targets` builds them;
-//! `cargo test --test <name>` alone does not (run `cargo build --examples` first).
+//! The binaries are the examples of this crate, built by [`example_binary`] on first use with the
+//! cargo that runs the tests, into the same target directory and profile (so `cargo test --test
+//! <name>` alone works on a fresh checkout, and a node never runs a binary older than the
+//! library under test).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -36,20 +37,46 @@ const TERMINATE_DEADLINE: Duration = Duration::from_secs(30);
 /// Lines of a node's stderr printed when a test fails.
 const TAIL_LINES: usize = 40;
 
-/// The path of an example binary built next to this test binary; panics with one line saying
-/// how to build it if it is missing.
+/// The examples the tests start as processes.
+const EXAMPLES: [&str; 2] = ["task_server", "taskctl"];
+
+/// The path of an example binary of this crate, built (once per test process, with every other
+/// example the tests start) by the cargo that runs the tests, into the same target directory and
+/// profile as this test binary. Panics with cargo's own message if the build fails.
 pub fn example_binary(name: &str) -> PathBuf {
+    assert!(EXAMPLES.contains(&name), "example {name} is not in tests/common/node.rs EXAMPLES");
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let examples_dir = BUILT.get_or_init(build_examples);
+    examples_dir.join(name)
+}
+
+/// Runs `cargo build --example ...` for [`EXAMPLES`]; returns the directory they are in.
+fn build_examples() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test-binary> -> target/<profile>/examples/<name>
+    // target/<profile>/deps/<test-binary>: the profile directory and the target directory.
     let profile_dir = exe.parent().and_then(Path::parent).expect("the test binary lives in target/<profile>/deps");
-    let path = profile_dir.join("examples").join(name);
-    if !path.is_file() {
-        panic!(
-            "example binary {} is missing: run `cargo build --examples` (cargo test --all-targets builds it)",
-            path.display()
-        );
+    let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
+    let profile = profile_dir.file_name().and_then(|name| name.to_str()).expect("a UTF-8 profile directory");
+    // `cargo test` builds tests with the `dev` profile into `debug/` (and `release` into
+    // `release/`, `bench` into `release/` too); any other directory is a custom profile's name.
+    let profile = match profile {
+        "debug" => "dev",
+        "release" => "release",
+        other => other,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    command
+        .args(["build", "--quiet", "--profile", profile, "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    for example in EXAMPLES {
+        command.args(["--example", example]);
     }
-    path
+    let status = command.stdin(Stdio::null()).status().unwrap_or_else(|e| panic!("cannot run {cargo:?}: {e}"));
+    assert!(status.success(), "building the examples {EXAMPLES:?} failed ({status}); cargo's output is above");
+    profile_dir.join("examples")
 }
 
 /// How to start one node. Fields map one to one to the flags of `task_server`.
