@@ -81,6 +81,9 @@ struct Scenario {
     blocks_in_flight: u32,
     verify: Option<Verify>,
     interrupts: Vec<Interrupt>,
+    /// What the volumes answer to `preferred_io_bytes`: how many blocks the engine reads and
+    /// writes in one call (0: one block).
+    io_bytes: u64,
 }
 
 fn bytes(seed: u32, len: u64) -> Vec<u8> {
@@ -128,17 +131,21 @@ fn verify() -> impl Strategy<Value = Option<Verify>> {
 fn scenario(max_blocks: u64) -> impl Strategy<Value = Scenario> {
     (1..=max_blocks, prop_oneof![3 => Just(0u64), 1 => 1..BLOCK]).prop_flat_map(|(blocks, tail)| {
         let size = (blocks * BLOCK).saturating_sub(tail).max(1);
-        (vec(edit(size), 0..12), vec(edit(size), 0..8), 1u32..=8, verify(), vec(interrupt(), 0..24)).prop_map(
-            move |(source, changes, blocks_in_flight, verify, interrupts)| Scenario {
+        (vec(edit(size), 0..12), vec(edit(size), 0..8), 1u32..=8, verify(), vec(interrupt(), 0..24), io_bytes())
+            .prop_map(move |(source, changes, blocks_in_flight, verify, interrupts, io_bytes)| Scenario {
                 size,
                 source,
                 changes,
                 blocks_in_flight,
                 verify,
                 interrupts,
-            },
-        )
+                io_bytes,
+            })
     })
+}
+
+fn io_bytes() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0), Just(BLOCK), Just(3 * BLOCK), Just(4 * BLOCK), Just(EXTENT), Just(1 << 20)]
 }
 
 fn changed_granularity() -> impl Strategy<Value = Option<u64>> {
@@ -222,6 +229,7 @@ impl Control {
 struct Wrapped {
     inner: Arc<dyn CopyBackend>,
     control: Control,
+    io_bytes: u64,
 }
 
 #[async_trait]
@@ -236,12 +244,12 @@ impl CopyBackend for Wrapped {
 
     async fn open_snapshot(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<Box<dyn ReadVolume>> {
         let inner = self.inner.open_snapshot(volume, snapshot).await?;
-        Ok(Box::new(WrappedRead { inner, control: self.control.clone() }))
+        Ok(Box::new(WrappedRead { inner, control: self.control.clone(), io_bytes: self.io_bytes }))
     }
 
     async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>> {
         let inner = self.inner.open_target(volume).await?;
-        Ok(Box::new(WrappedWrite { inner, control: self.control.clone() }))
+        Ok(Box::new(WrappedWrite { inner, control: self.control.clone(), io_bytes: self.io_bytes }))
     }
 
     async fn changed_ranges(
@@ -259,6 +267,7 @@ impl CopyBackend for Wrapped {
 struct WrappedRead {
     inner: Box<dyn ReadVolume>,
     control: Control,
+    io_bytes: u64,
 }
 
 #[async_trait]
@@ -276,11 +285,16 @@ impl ReadVolume for WrappedRead {
         self.control.pass(true).await?;
         self.inner.read(offset, buf).await
     }
+
+    fn preferred_io_bytes(&self) -> u64 {
+        self.io_bytes
+    }
 }
 
 struct WrappedWrite {
     inner: Box<dyn WriteVolume>,
     control: Control,
+    io_bytes: u64,
 }
 
 #[async_trait]
@@ -297,6 +311,10 @@ impl ReadVolume for WrappedWrite {
     async fn read(&self, offset: u64, buf: Vec<u8>) -> BackendResult<Vec<u8>> {
         self.control.pass(true).await?;
         self.inner.read(offset, buf).await
+    }
+
+    fn preferred_io_bytes(&self) -> u64 {
+        self.io_bytes
     }
 }
 
@@ -339,7 +357,7 @@ struct Rig {
 }
 
 impl Rig {
-    async fn new(file: bool, size: u64) -> Rig {
+    async fn new(file: bool, size: u64, io_bytes: u64) -> Rig {
         let source = VolumeRef { hosts: vec!["198.51.100.1:10201".into()], volume: VolumeId::new("src").unwrap() };
         let target = VolumeRef { hosts: vec!["203.0.113.1:10201".into()], volume: VolumeId::new("dst").unwrap() };
         let (real, backend): (Real, Arc<dyn CopyBackend>) = if file {
@@ -355,7 +373,7 @@ impl Rig {
             backend.create_volume(&target, size);
             (Real::Memory(backend.clone()), Arc::new(backend))
         };
-        let wrapped = Arc::new(Wrapped { inner: backend.clone(), control: Control::default() });
+        let wrapped = Arc::new(Wrapped { inner: backend.clone(), control: Control::default(), io_bytes });
         Rig { real, backend, wrapped, source, target, size }
     }
 
@@ -517,7 +535,7 @@ async fn check_exact(rig: &Rig, task: &Task, scenario: &Scenario, progress: &Tas
 }
 
 async fn case(file: bool, mode: Mode, scenario: Scenario) {
-    let rig = Rig::new(file, scenario.size).await;
+    let rig = Rig::new(file, scenario.size, scenario.io_bytes).await;
     prepare(&rig, mode, &scenario).await;
     // What a block is compared with: the base, or the target as it was.
     let reference = match mode {

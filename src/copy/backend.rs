@@ -99,6 +99,14 @@ pub trait ReadVolume: Send + Sync {
     /// Fills `buf` with the `buf.len()` bytes at `offset` and hands it back (so the engine can
     /// reuse its buffers).
     async fn read(&self, offset: u64, buf: Vec<u8>) -> BackendResult<Vec<u8>>;
+
+    /// The size of the reads and writes this volume serves best, in bytes; 0 (the default) for
+    /// no preference. The engine then reads neighbouring blocks that need the same reads with one
+    /// call of up to this many bytes, and writes (or zeroes) neighbours that need it with one
+    /// call, while it still decides block by block. A hint: calls of any size must work.
+    fn preferred_io_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// A writable volume.

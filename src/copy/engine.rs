@@ -16,8 +16,13 @@
 //! an extent after a stop). It asks once which ranges of that part are allocated on the source
 //! (and on the target in full and target-diff mode, on the base in incremental mode, and the
 //! backend's `changed_ranges` between base and source snapshot, if it can tell), then walks the
-//! part in **blocks** of `block_size_bytes`, keeping up to `blocks_in_flight` blocks in flight
-//! (reads and writes of different blocks overlap; buffers are reused). For each block:
+//! part in **blocks** of `block_size_bytes`. Neighbouring blocks that need the same reads (same
+//! allocation on each side, same answer from `changed_ranges`) are grouped in **runs** of up to
+//! the volumes' [`ReadVolume::preferred_io_bytes`] (at most 16 MiB; one block when a volume has
+//! no preference): a run is read with one call per side, decided block by block, and its
+//! neighbouring blocks that need the same write (or zeroing) go to the target in one call. Up
+//! to `blocks_in_flight` runs are in flight (reads and writes of different runs overlap; buffers
+//! are reused). For each block:
 //!
 //! | source block | full | incremental (base `b`) | target-diff |
 //! |---|---|---|---|
@@ -42,8 +47,9 @@
 //!
 //! # Stops, and what is durable when
 //!
-//! Before launching each block the step checks its [`StopToken`]. Once it is cancelled no block
-//! is launched; those in flight finish; the target is flushed; and the cursor moves to the end of
+//! Before launching each run the step checks its [`StopToken`]. Once it is cancelled no run is
+//! launched; those in flight finish (a run is at most `preferred_io_bytes`: 1 MiB for the file
+//! backend); the target is flushed; and the cursor moves to the end of
 //! the **contiguous** run of finished blocks from where the step began (a high-water mark: a
 //! block that finished early never carries the cursor past one that did not). A step that ends
 //! its extent flushes the target, verifies it if asked, and moves the cursor to the extent's end.
@@ -105,6 +111,10 @@ use crate::model::{CopyVolumeSpec, ProgressCounters, SnapshotId, Task, TaskId, T
 /// Blocks larger than this are hashed on the blocking pool; smaller ones inline (BLAKE3 takes
 /// about 60 µs for 256 KiB).
 pub const INLINE_HASH_MAX_BYTES: usize = 256 << 10;
+
+/// The largest run the engine reads or writes in one call, whatever a backend prefers: with
+/// `blocks_in_flight` runs in flight and two buffers each, it bounds the memory of a copy.
+const MAX_RUN_BYTES: u64 = 16 << 20;
 
 /// Zeroes fed to the hashers for the holes of a verified extent.
 static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
@@ -192,6 +202,8 @@ struct CopyRun {
     size_bytes: u64,
     extent_bytes: u64,
     block_bytes: u64,
+    /// Most blocks in one run: the backends' preferred I/O size over the block size, at least 1.
+    run_blocks: usize,
     blocks_in_flight: usize,
     /// Extents that failed verification in this run: redone in target-diff mode.
     repair: BTreeSet<u64>,
@@ -228,6 +240,7 @@ impl CopyRun {
         check_progress(spec, progress, size_bytes)?;
         progress.total_bytes = Some(size_bytes);
         let options = &spec.options;
+        let run_blocks = run_blocks(&*source, &*target, base.as_ref(), options.block_size_bytes);
         Ok(CopyRun {
             task: task.id,
             backend,
@@ -243,6 +256,7 @@ impl CopyRun {
             size_bytes,
             extent_bytes: options.extent_size_bytes,
             block_bytes: u64::from(options.block_size_bytes),
+            run_blocks,
             blocks_in_flight: options.blocks_in_flight as usize,
             repair: BTreeSet::new(),
             pool: Vec::new(),
@@ -250,6 +264,14 @@ impl CopyRun {
             processed_bytes: 0,
         })
     }
+}
+
+/// How many blocks a run may hold: the smallest I/O size the volumes prefer (at most
+/// [`MAX_RUN_BYTES`]) over the block size; 1 when one of them has no preference.
+fn run_blocks(source: &dyn ReadVolume, target: &dyn WriteVolume, base: Option<&Base>, block_bytes: u32) -> usize {
+    let base = base.map(|base| base.reader.preferred_io_bytes());
+    let preferred = [source.preferred_io_bytes(), target.preferred_io_bytes()].into_iter().chain(base).min();
+    (preferred.unwrap_or(0).min(MAX_RUN_BYTES) / u64::from(block_bytes)).max(1) as usize
 }
 
 /// Takes the source snapshot at the first start; requires it to exist on a resume.
@@ -439,9 +461,9 @@ impl CopyRun {
         })
     }
 
-    /// Copies the blocks of `range` (inside one extent), up to `blocks_in_flight` at a time,
-    /// until done or stopped. Returns the high-water mark; on failure, lets the blocks in flight
-    /// finish and returns the first error.
+    /// Copies the blocks of `range` (inside one extent), in runs, up to `blocks_in_flight` runs
+    /// at a time, until done or stopped. Returns the high-water mark; on failure, lets the runs
+    /// in flight finish and returns the first error.
     async fn copy(
         &self,
         plan: &Plan,
@@ -450,24 +472,28 @@ impl CopyRun {
         pool: &mut Vec<Vec<u8>>,
     ) -> Result<StepDone, ExecError> {
         let blocks = self.blocks(range.clone());
+        let runs = self.runs(plan, &blocks);
         let mut mark = HighWater::new(range.start, blocks.len());
         let mut in_flight = FuturesUnordered::new();
         let (mut next, mut failure) = (0, None);
         loop {
-            while failure.is_none() && in_flight.len() < self.blocks_in_flight && next < blocks.len() {
+            while failure.is_none() && in_flight.len() < self.blocks_in_flight && next < runs.len() {
                 if stop.is_cancelled() {
                     break;
                 }
-                let (index, block) = (next, blocks[next].clone());
+                let run = runs[next].clone();
                 let buffers = [pool.pop().unwrap_or_default(), pool.pop().unwrap_or_default()];
-                in_flight.push(async move { (index, self.copy_block(plan, block, buffers).await) });
+                let run_blocks = &blocks[run.clone()];
+                in_flight.push(async move { (run.start, self.copy_run(plan, run_blocks, buffers).await) });
                 next += 1;
             }
-            let Some((index, result)) = in_flight.next().await else { break };
+            let Some((first, result)) = in_flight.next().await else { break };
             match result {
-                Ok((outcome, buffers)) => {
+                Ok((outcomes, buffers)) => {
                     pool.extend(buffers);
-                    mark.complete(index, blocks[index].clone(), outcome);
+                    for (index, outcome) in (first..).zip(outcomes) {
+                        mark.complete(index, blocks[index].clone(), outcome);
+                    }
                 }
                 Err(e) => {
                     failure.get_or_insert(e);
@@ -486,48 +512,93 @@ impl CopyRun {
         (range.start..range.end).step_by(step).map(|start| start..(start + self.block_bytes).min(range.end)).collect()
     }
 
-    /// Decides and does one block (see the table in the module docs); hands the buffers back.
-    async fn copy_block(
+    /// Groups consecutive blocks with the same [`Profile`] into runs of at most `run_blocks`.
+    fn runs(&self, plan: &Plan, blocks: &[Range<u64>]) -> Vec<Range<usize>> {
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut previous = None;
+        for (index, block) in blocks.iter().enumerate() {
+            let profile = Profile::of(plan, block);
+            match runs.last_mut() {
+                Some(run) if previous == Some(profile) && run.len() < self.run_blocks => run.end = index + 1,
+                _ => runs.push(index..index + 1),
+            }
+            previous = Some(profile);
+        }
+        runs
+    }
+
+    /// Reads a run of blocks with one call per side, decides each block (see the table in the
+    /// module docs), then zeroes and writes what needs it; hands the buffers back.
+    async fn copy_run(
         &self,
         plan: &Plan,
-        block: Range<u64>,
+        blocks: &[Range<u64>],
         [data, other]: [Vec<u8>; 2],
-    ) -> Result<(Outcome, [Vec<u8>; 2]), ExecError> {
-        let len = (block.end - block.start) as usize;
-        let source_allocated = overlaps(&plan.source, &block);
-        if plan.changed.as_ref().is_some_and(|changed| !overlaps(changed, &block)) {
-            let class = if source_allocated { Class::Unchanged } else { Class::Hole };
-            return Ok((Outcome { class, zeroed: false }, [data, other]));
+    ) -> Result<(Vec<Outcome>, [Vec<u8>; 2]), ExecError> {
+        let span = blocks[0].start..blocks[blocks.len() - 1].end;
+        let profile = Profile::of(plan, &blocks[0]);
+        if profile.unchanged {
+            let class = if profile.source { Class::Unchanged } else { Class::Hole };
+            return Ok((vec![Outcome { class, zeroed: false }; blocks.len()], [data, other]));
         }
-        let other_allocated = match plan.mode {
-            Mode::Full => false,
-            Mode::TargetDiff => overlaps(&plan.target, &block),
-            Mode::Incremental => overlaps(&plan.base, &block),
-        };
+        let len = (span.end - span.start) as usize;
         let (data, other) = futures::try_join!(
-            self.read_source(source_allocated, block.start, data, len),
-            self.read_other(plan.mode, other_allocated, block.start, other, len),
+            self.read_source(profile.source, span.start, data, len),
+            self.read_other(plan.mode, profile.other, span.start, other, len),
         )?;
-        if !source_allocated || is_zero(&data) {
-            let class = if source_allocated { Class::Zero } else { Class::Hole };
-            let target_may_hold_data = match plan.mode {
-                Mode::Full => overlaps(&plan.target, &block),
-                Mode::TargetDiff | Mode::Incremental => other_allocated && !is_zero(&other),
-            };
-            if target_may_hold_data {
-                self.target.zero(block.clone()).await.map_err(failed(format_args!("zeroing target {block:?}")))?;
+        let outcomes: Vec<Outcome> = blocks
+            .iter()
+            .map(|block| {
+                let at = (block.start - span.start) as usize..(block.end - span.start) as usize;
+                let source = profile.source.then(|| &data[at.clone()]);
+                decide(plan, block, source, profile.other.then(|| &other[at]))
+            })
+            .collect();
+        let data = self.apply(blocks, &outcomes, data).await?;
+        Ok((outcomes, [data, other]))
+    }
+
+    /// Zeroes and writes the blocks of a run as decided, neighbours that need the same with one
+    /// call; hands the source's buffer back.
+    async fn apply(
+        &self,
+        blocks: &[Range<u64>],
+        outcomes: &[Outcome],
+        mut data: Vec<u8>,
+    ) -> Result<Vec<u8>, ExecError> {
+        let start = blocks[0].start;
+        let mut i = 0;
+        while i < blocks.len() {
+            let action = Action::of(outcomes[i]);
+            let j = i + outcomes[i..].iter().take_while(|&&o| Action::of(o) == action).count();
+            let range = blocks[i].start..blocks[j - 1].end;
+            match action {
+                Action::None => {}
+                Action::Zero => {
+                    let zeroed = self.target.zero(range.clone()).await;
+                    zeroed.map_err(failed(format_args!("zeroing target {range:?}")))?;
+                }
+                Action::Write => {
+                    if let Some(throttle) = &self.throttle {
+                        throttle.acquire(range.end - range.start).await;
+                    }
+                    // The whole run goes without a copy; a part of it is copied out.
+                    let whole = i == 0 && j == blocks.len();
+                    let piece = if whole {
+                        std::mem::take(&mut data)
+                    } else {
+                        data[(range.start - start) as usize..(range.end - start) as usize].to_vec()
+                    };
+                    let written = self.target.write(range.start, piece).await;
+                    let piece = written.map_err(failed(format_args!("writing target {range:?}")))?;
+                    if whole {
+                        data = piece;
+                    }
+                }
             }
-            return Ok((Outcome { class, zeroed: target_may_hold_data }, [data, other]));
+            i = j;
         }
-        if plan.mode != Mode::Full && other_allocated && data == other {
-            return Ok((Outcome { class: Class::Unchanged, zeroed: false }, [data, other]));
-        }
-        if let Some(throttle) = &self.throttle {
-            throttle.acquire(len as u64).await;
-        }
-        let data =
-            self.target.write(block.start, data).await.map_err(failed(format_args!("writing target {block:?}")))?;
-        Ok((Outcome { class: Class::Copied, zeroed: false }, [data, other]))
+        Ok(data)
     }
 
     /// Reads the source's block if it is allocated (else hands `buf` back untouched).
@@ -577,6 +648,68 @@ impl CopyRun {
         let seconds = self.started.elapsed().as_secs_f64();
         if seconds > 0.0 {
             progress.rate_bytes_per_second = (self.processed_bytes as f64 / seconds) as u64;
+        }
+    }
+}
+
+/// What a block needs before it can be decided: whether the backend says it is unchanged, and
+/// whether the source and the other side (the target, or the base) must be read there.
+/// Neighbouring blocks with the same profile form a run, read with one call per side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Profile {
+    unchanged: bool,
+    source: bool,
+    other: bool,
+}
+
+impl Profile {
+    fn of(plan: &Plan, block: &Range<u64>) -> Self {
+        let source = overlaps(&plan.source, block);
+        let unchanged = plan.changed.as_ref().is_some_and(|changed| !overlaps(changed, block));
+        let other = !unchanged
+            && match plan.mode {
+                Mode::Full => false,
+                Mode::TargetDiff => overlaps(&plan.target, block),
+                Mode::Incremental => overlaps(&plan.base, block),
+            };
+        Profile { unchanged, source, other }
+    }
+}
+
+/// Decides one read block (see the table in the module docs): `source` holds its bytes on the
+/// source (`None`: unallocated there), `other` on the target or the base (`None`: unallocated
+/// there, or not read in full mode).
+fn decide(plan: &Plan, block: &Range<u64>, source: Option<&[u8]>, other: Option<&[u8]>) -> Outcome {
+    match source {
+        Some(data) if !is_zero(data) => {
+            let same = plan.mode != Mode::Full && other == Some(data);
+            Outcome { class: if same { Class::Unchanged } else { Class::Copied }, zeroed: false }
+        }
+        _ => {
+            let class = if source.is_some() { Class::Zero } else { Class::Hole };
+            let target_may_hold_data = match plan.mode {
+                Mode::Full => overlaps(&plan.target, block),
+                Mode::TargetDiff | Mode::Incremental => other.is_some_and(|other| !is_zero(other)),
+            };
+            Outcome { class, zeroed: target_may_hold_data }
+        }
+    }
+}
+
+/// What the target gets for a decided block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    None,
+    Zero,
+    Write,
+}
+
+impl Action {
+    fn of(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome { class: Class::Copied, .. } => Action::Write,
+            Outcome { zeroed: true, .. } => Action::Zero,
+            _ => Action::None,
         }
     }
 }
