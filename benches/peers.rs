@@ -51,6 +51,9 @@
 //! - The engine's `finish` snapshots the target (`tc-<task id>`, the base of the next copy),
 //!   which no tool does; on a filesystem without reflink that is a sparse copy. It is timed
 //!   apart: the `engine` row is `start` + steps, the `engine+finish` row adds `finish`.
+//! - On a filesystem with reflinks (`PEERS_WORK_DIR` on XFS or btrfs) the snapshots are
+//!   reflinks and, in case 3, the plain `engine` gets `changed_ranges` from [`FileBackend`]
+//!   itself (from the snapshots' extent maps), as `engine-tracked` gets it from the bench.
 //! - After each run, outside the timed region, the target is hashed (XXH3-128) and compared with
 //!   the source: every run of every tool is verified.
 //!
@@ -140,7 +143,8 @@ impl Tool {
             Some((program, args)) => format!("{program} {} SRC DST; fdatasync(DST)", args.join(" ")),
             None if self == Tool::EngineTracked => format!(
                 "{}, the backend answering changed_ranges with the changed blocks, as a block service with \
-                 change tracking would (FileBackend cannot: it answers None)",
+                 change tracking would (FileBackend answers from the snapshots' extent maps on a reflink \
+                 filesystem, and None elsewhere)",
                 Tool::Engine.describe(incremental, options)
             ),
             None => format!(
@@ -901,7 +905,8 @@ fn legend(out: &mut impl Write, config: &Config) -> io::Result<()> {
     writeln!(out, "  {:<15} {} (case 3)", "engine-tracked", Tool::EngineTracked.describe(true, &config.options))?;
     writeln!(
         out,
-        "  {:<15} engine, then finish (fdatasync + FileBackend target snapshot, a sparse copy without reflink)",
+        "  {:<15} engine, then finish (fdatasync + FileBackend target snapshot: a reflink where the filesystem \
+         has them, else a sparse copy)",
         "engine+finish"
     )?;
     writeln!(out, "\nmethod: {METHOD}")?;

@@ -20,12 +20,13 @@ as_root() {
     fi
 }
 
-step "system packages: zookeeper, java, iproute2, tzdata, rsync, qemu-utils"
+step "system packages: zookeeper, java, iproute2, tzdata, rsync, qemu-utils, xfsprogs"
 if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
-    || [ ! -d /usr/share/zoneinfo ] || ! command -v rsync >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1; then
+    || [ ! -d /usr/share/zoneinfo ] || ! command -v rsync >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1 \
+    || ! command -v mkfs.xfs >/dev/null 2>&1; then
     as_root apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        zookeeper iproute2 tzdata rsync qemu-utils
+        zookeeper iproute2 tzdata rsync qemu-utils xfsprogs
 else
     echo "already installed"
 fi

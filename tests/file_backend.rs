@@ -4,10 +4,17 @@
 //!
 //! Offsets are 1 MiB-aligned so that the filesystem's block granularity (4 KiB on ext4) cannot
 //! blur what "allocated" means.
+//!
+//! Change tracking needs a filesystem with reflinks: those tests run on a loop-mounted XFS
+//! ([`common::reflinkfs`]; root required).
+
+mod common;
 
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
+
+use common::reflinkfs::ReflinkFs;
 
 use task_center::copy::{BackendError, CopyBackend, FileBackend, SnapshotMethod, VolumeRef, WriteVolume};
 use task_center::model::{SnapshotId, VolumeId};
@@ -289,4 +296,78 @@ fn the_first_host_names_one_directory_under_the_root() {
     }
     let none = VolumeRef { hosts: vec![], volume: VolumeId::new("v").unwrap() };
     assert_eq!(backend.snapshot_path(&none, &snap("s")), std::path::Path::new("/srv/images/_/snapshots/v/s.img"));
+}
+
+/// A backend in `dir` with volume `vol-a` of `size` bytes holding `data` (offset, seed, length),
+/// flushed.
+async fn volume_with(dir: &std::path::Path, size: u64, data: &[(u64, u8, u64)]) -> (FileBackend, VolumeRef) {
+    let backend = FileBackend::new(dir);
+    let vol = volume("vol-a");
+    backend.create_volume(&vol, size).await.unwrap();
+    let target = backend.open_target(&vol).await.unwrap();
+    for &(offset, seed, len) in data {
+        target.write(offset, pattern(seed, len)).await.unwrap();
+    }
+    target.flush().await.unwrap();
+    (backend, vol)
+}
+
+/// On a filesystem with reflinks, two snapshots of one volume share every block that was not
+/// written in between, and `changed_ranges` reports exactly the blocks that were: rewritten
+/// data, a punched hole, new data in a former hole. Nothing else is reported, and nothing at all
+/// between a snapshot and itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflink_snapshots_report_exactly_what_was_written_between_them() {
+    let fs = ReflinkFs::new();
+    let dir = fs.subdir();
+    let (backend, vol) = volume_with(dir.path(), 64 * MIB, &[(0, 1, 8 * MIB), (16 * MIB, 2, 8 * MIB)]).await;
+    assert_eq!(backend.take_snapshot(&vol, &snap("s1")).await.unwrap(), SnapshotMethod::Reflink);
+
+    let written = [MIB + 8192..MIB + 12288, 5 * MIB..5 * MIB + 65536, 40 * MIB..40 * MIB + 4096];
+    let punched = 17 * MIB..18 * MIB;
+    let target = backend.open_target(&vol).await.unwrap();
+    for (seed, range) in (10..).zip(&written) {
+        target.write(range.start, pattern(seed, range.end - range.start)).await.unwrap();
+    }
+    target.zero(punched.clone()).await.unwrap();
+    target.flush().await.unwrap();
+    assert_eq!(backend.take_snapshot(&vol, &snap("s2")).await.unwrap(), SnapshotMethod::Reflink);
+
+    let whole = 0..64 * MIB;
+    let changed = backend.changed_ranges(&vol, &snap("s1"), &snap("s2"), whole.clone()).await.unwrap();
+    let want = vec![written[0].clone(), written[1].clone(), punched, written[2].clone()];
+    assert_eq!(changed, Some(want));
+    // Clipped to the range asked for; a snapshot against itself: nothing changed.
+    let part = backend.changed_ranges(&vol, &snap("s1"), &snap("s2"), 0..MIB + 10_000).await.unwrap();
+    let want = std::iter::once(MIB + 8192..MIB + 10_000).collect::<Vec<_>>();
+    assert_eq!(part, Some(want));
+    let same = backend.changed_ranges(&vol, &snap("s2"), &snap("s2"), whole).await.unwrap();
+    assert_eq!(same, Some(vec![]));
+}
+
+/// Snapshots made by copying share no block, so their maps say nothing: `None`, and the engine
+/// compares the bytes itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_made_by_copying_report_no_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, vol) = volume_with(dir.path(), 16 * MIB, &[(0, 1, 4 * MIB)]).await;
+    let backend = backend.with_reflink(false);
+    assert_eq!(backend.take_snapshot(&vol, &snap("s1")).await.unwrap(), SnapshotMethod::SparseCopy);
+    let target = backend.open_target(&vol).await.unwrap();
+    target.write(MIB, pattern(9, 4096)).await.unwrap();
+    target.flush().await.unwrap();
+    assert_eq!(backend.take_snapshot(&vol, &snap("s2")).await.unwrap(), SnapshotMethod::SparseCopy);
+    let changed = backend.changed_ranges(&vol, &snap("s1"), &snap("s2"), 0..16 * MIB).await.unwrap();
+    assert_eq!(changed, None);
+}
+
+/// A missing snapshot is a permanent error that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_ranges_of_a_missing_snapshot_is_a_permanent_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, vol) = volume_with(dir.path(), 16 * MIB, &[]).await;
+    backend.take_snapshot(&vol, &snap("s1")).await.unwrap();
+    let err = backend.changed_ranges(&vol, &snap("s1"), &snap("nope"), 0..16 * MIB).await.unwrap_err();
+    let message = permanent(err);
+    assert!(message.contains("nope.img"), "{message}");
 }

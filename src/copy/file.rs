@@ -59,8 +59,11 @@
 //!
 //! # Limits
 //!
-//! - No change tracking: [`CopyBackend::changed_ranges`] returns `Ok(None)` and the engine
-//!   compares blocks itself.
+//! - Change tracking only where snapshots are reflinks: [`CopyBackend::changed_ranges`]
+//!   compares the two snapshot files' extent maps (`FIEMAP`): a range that both map to the
+//!   same physical blocks is unchanged (see `fiemap.rs` for why that holds and what counts as
+//!   changed). Where the two files share no extent (ext4, tmpfs, snapshots made by copying) it
+//!   returns `Ok(None)` and the engine compares blocks itself.
 //! - [`ReadVolume::allocated`] reports what the filesystem reports, at its block granularity
 //!   (4 KiB on ext4), possibly more than was written (allowed by the contract).
 //! - [`WriteVolume::zero`] punches a hole (`FALLOC_FL_PUNCH_HOLE`); on a filesystem that
@@ -82,7 +85,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,6 +94,7 @@ use async_trait::async_trait;
 use tracing::debug;
 
 use super::backend::{BackendError, BackendResult, CopyBackend, ReadVolume, VolumeRef, WriteVolume};
+use super::fiemap;
 use crate::model::SnapshotId;
 
 /// Bytes moved per read or write when copying a snapshot or writing zeroes: large enough to
@@ -276,15 +280,40 @@ impl CopyBackend for FileBackend {
         Ok(Box::new(ImageFile::open(path, true, "open volume").await?))
     }
 
-    /// Always `Ok(None)`: image files keep no record of what changed.
+    /// From the extent maps of the two snapshot files (see [Limits](self#limits)): `Ok(None)`
+    /// when they are on different filesystems, the filesystem has no `FIEMAP`, or the files
+    /// share no extent in `range` though one of them holds data there (no reflinks: nothing to
+    /// learn from the maps).
     async fn changed_ranges(
         &self,
-        _volume: &VolumeRef,
-        _from: &SnapshotId,
-        _to: &SnapshotId,
-        _range: Range<u64>,
+        volume: &VolumeRef,
+        from: &SnapshotId,
+        to: &SnapshotId,
+        range: Range<u64>,
     ) -> BackendResult<Option<Vec<Range<u64>>>> {
-        Ok(None)
+        let (from, to) = (self.snapshot_path(volume, from), self.snapshot_path(volume, to));
+        blocking(move || {
+            let open = |path: &Path| File::open(path).map_err(|err| io_error("open snapshot", path, err));
+            let (a, b) = (open(&from)?, open(&to)?);
+            let device = |file: &File, path: &Path| {
+                file.metadata().map(|meta| meta.dev()).map_err(|err| io_error("stat", path, err))
+            };
+            if device(&a, &from)? != device(&b, &to)? {
+                return Ok(None);
+            }
+            let map = |file: &File, path: &Path| {
+                fiemap::mappings(file, range.clone()).map_err(|err| io_error("map extents of", path, err))
+            };
+            let (Some(a), Some(b)) = (map(&a, &from)?, map(&b, &to)?) else { return Ok(None) };
+            // With data on either side but no block shared, the maps cannot tell equal bytes
+            // from different ones (no reflinks here). Two holes are equal anywhere.
+            let has_data = !(a.is_empty() && b.is_empty());
+            if has_data && !a.iter().chain(&b).any(|mapping| mapping.shared) {
+                return Ok(None);
+            }
+            Ok(Some(fiemap::differing(&a, &b, range)))
+        })
+        .await
     }
 }
 

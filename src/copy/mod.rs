@@ -15,6 +15,7 @@
 
 mod backend;
 mod engine;
+mod fiemap;
 mod file;
 mod memory;
 mod zero;

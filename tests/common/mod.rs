@@ -1,7 +1,8 @@
 //! Test harness shared by the integration tests: a real ZooKeeper server ([`ZkServer`], one
 //! shared per test binary through [`shared_zk`]), a TCP [`Proxy`] to partition one client from
 //! it, task-server nodes as separate processes ([`node::NodeProcess`]), network namespaces
-//! ([`netns`]: both of the latter can run inside one), tracing setup and bounded waits.
+//! ([`netns`]: both of the latter can run inside one), a loop-mounted XFS with reflinks
+//! ([`reflinkfs`]), tracing setup and bounded waits.
 //!
 //! Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code, unused_imports)]
@@ -9,6 +10,7 @@
 pub mod netns;
 pub mod node;
 pub mod proxy;
+pub mod reflinkfs;
 pub mod tasks;
 pub mod zk;
 
