@@ -318,7 +318,7 @@ async fn volume_with(dir: &std::path::Path, size: u64, data: &[(u64, u8, u64)]) 
 /// between a snapshot and itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflink_snapshots_report_exactly_what_was_written_between_them() {
-    let fs = ReflinkFs::new();
+    let Some(fs) = ReflinkFs::new() else { return };
     let dir = fs.subdir();
     let (backend, vol) = volume_with(dir.path(), 64 * MIB, &[(0, 1, 8 * MIB), (16 * MIB, 2, 8 * MIB)]).await;
     assert_eq!(backend.take_snapshot(&vol, &snap("s1")).await.unwrap(), SnapshotMethod::Reflink);
