@@ -73,7 +73,7 @@ struct Args {
     /// Keep announcing at this period after the rounds.
     #[arg(long)]
     arp_refresh_ms: Option<u64>,
-    /// IANA time zone of run windows (default UTC).
+    /// IANA time zone of run windows (default UTC); every node of a cluster must use the same.
     #[arg(long)]
     time_zone: Option<String>,
     /// Root of the file backend's volumes (sparse image files, a directory per host). Default:

@@ -34,6 +34,26 @@ pub enum WindowCheck {
     },
 }
 
+/// The settings a [`Schedule`] reads windows with, as stored for the whole cluster in ZooKeeper
+/// ([`TaskStore::agree_schedule`](crate::store::TaskStore::agree_schedule)): every node must
+/// read windows alike, or a dispatcher would start a task that its runner stops at once.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScheduleSettings {
+    /// IANA time zone name, as configured (`Asia/Shanghai`).
+    pub time_zone: String,
+    /// The run window of tasks that have none of their own.
+    pub default_run_window: Option<RunWindow>,
+}
+
+impl std::fmt::Display for ScheduleSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.default_run_window {
+            Some(window) => write!(f, "time zone {}, default run window {window}", self.time_zone),
+            None => write!(f, "time zone {}, no default run window", self.time_zone),
+        }
+    }
+}
+
 /// The cluster's run-window settings and clock. Cheap to clone.
 #[derive(Clone)]
 pub struct Schedule {
@@ -48,6 +68,11 @@ impl Schedule {
     /// their own, at the time of `clock`.
     pub fn new(time_zone: TimeZone, zone_name: &str, default_window: Option<RunWindow>, clock: Arc<dyn Clock>) -> Self {
         Schedule { time_zone, zone_name: zone_name.to_string(), default_window, clock }
+    }
+
+    /// The settings it reads windows with.
+    pub fn settings(&self) -> ScheduleSettings {
+        ScheduleSettings { time_zone: self.zone_name.clone(), default_run_window: self.default_window }
     }
 
     /// The clock.

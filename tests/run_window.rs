@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::tasks::{wait_state, wait_task};
+use task_center::center::StartError;
 use task_center::clock::ManualClock;
 use task_center::coord::{Coordination, ZkConfig, ZkCoordination};
 use task_center::exec::SimulatedExecutor;
 use task_center::model::{RunWindow, TaskState};
+use task_center::schedule::ScheduleSettings;
 use task_center::store::TaskStore;
 use task_center::transport::InProcessNetwork;
-use task_center::{TaskCenter, TaskCenterHandle};
+use task_center::{TaskCenter, TaskCenterBuilder, TaskCenterHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 const ZONE: &str = "Asia/Shanghai";
@@ -51,6 +53,11 @@ impl Cluster {
     }
 
     async fn node(&self, name: &str, steps: u64) -> TaskCenterHandle {
+        self.builder(name, steps).build().unwrap().start().await.unwrap()
+    }
+
+    /// A node of this cluster in [`ZONE`] without a default window, not built yet.
+    fn builder(&self, name: &str, steps: u64) -> TaskCenterBuilder {
         TaskCenter::builder()
             .node_id(name)
             .zookeeper(ZkConfig::new(&self.connect))
@@ -61,11 +68,6 @@ impl Cluster {
             .time_zone(ZONE)
             .executor(Arc::new(SimulatedExecutor::new(steps, Duration::from_millis(20), 1 << 20)))
             .sweep_interval_ms(200)
-            .build()
-            .unwrap()
-            .start()
-            .await
-            .unwrap()
     }
 }
 
@@ -259,4 +261,42 @@ async fn a_default_window_applies_to_tasks_without_one() {
     let status = wait_task(cluster.observer.as_ref(), default.id, WAIT, |s| s.waiting.is_some()).await;
     assert!(status.waiting.unwrap().contains("01:00-05:00"));
     node.shutdown().await;
+}
+
+/// Every node must read windows alike. The cluster's first node stores its time zone and default
+/// window; a node started with another zone or another default window is refused, naming both,
+/// and changes nothing; a node with the cluster's settings (and the first one, restarted) starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_would_read_windows_differently_is_refused_at_start() {
+    let cluster = Cluster::new("window-agree", "12:00").await;
+    let first = cluster.node("a", 1).await;
+    let stored = || async {
+        let (data, _) = cluster.observer.get("/config/schedule").await.unwrap();
+        serde_json::from_slice::<ScheduleSettings>(&data).unwrap()
+    };
+    let ours = ScheduleSettings { time_zone: ZONE.into(), default_run_window: None };
+    assert_eq!(stored().await, ours);
+
+    let other_zone = cluster.builder("b", 1).time_zone("UTC").build().unwrap();
+    let other_window = cluster.builder("c", 1).default_run_window(Some(window("01:00-05:00"))).build().unwrap();
+    for (refused, theirs) in [
+        (other_zone, ScheduleSettings { time_zone: "UTC".into(), default_run_window: None }),
+        (other_window, ScheduleSettings { time_zone: ZONE.into(), default_run_window: Some(window("01:00-05:00")) }),
+    ] {
+        match refused.start().await {
+            Err(StartError::ScheduleMismatch { node, cluster }) => {
+                assert_eq!((node, cluster), (theirs, ours.clone()));
+            }
+            Err(other) => panic!("expected a schedule mismatch, got {other}"),
+            Ok(_) => panic!("a node with {theirs} must not start in a cluster with {ours}"),
+        }
+    }
+    assert_eq!(stored().await, ours, "a refused node changes nothing");
+
+    let second = cluster.node("b", 1).await;
+    first.shutdown().await;
+    let first = cluster.node("a", 1).await;
+    leader_of(&[&first, &second]).await;
+    first.shutdown().await;
+    second.shutdown().await;
 }

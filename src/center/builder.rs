@@ -170,15 +170,18 @@ impl TaskCenterBuilder {
         self
     }
 
-    /// The IANA time zone in which run windows are read (`Asia/Shanghai`). Must be the same on
-    /// every node of a cluster. Default: `UTC`.
+    /// The IANA time zone in which run windows are read (`Asia/Shanghai`). The same on every
+    /// node of a cluster: the first node to start stores it in ZooKeeper, and a node started
+    /// with another one is refused ([`StartError::ScheduleMismatch`](super::StartError)).
+    /// Default: `UTC`.
     pub fn time_zone(mut self, name: impl Into<String>) -> Self {
         self.time_zone = name.into();
         self
     }
 
-    /// The run window of tasks that have none of their own. Must be the same on every node of a
-    /// cluster. Default: none (such tasks run at any time).
+    /// The run window of tasks that have none of their own. The same on every node of a cluster,
+    /// checked at start like [`time_zone`](Self::time_zone). Default: none (such tasks run at
+    /// any time).
     pub fn default_run_window(mut self, window: Option<RunWindow>) -> Self {
         self.default_run_window = window;
         self

@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::coord::{CoordError, Coordination, SessionStatus, ZkCoordination};
 use crate::exec::{StopToken, TaskExecutor};
 use crate::model::{NodeId, RunWindow, Task, TaskId, TaskSpec};
-use crate::schedule::Schedule;
+use crate::schedule::{Schedule, ScheduleSettings};
 use crate::store::{StoreError, TaskStore};
 use crate::transport::{Listener, RequestHandler, Transport, TransportError};
 
@@ -57,6 +57,22 @@ pub enum StartError {
     /// The node's thread could not be started or died while starting.
     #[error("node thread: {0}")]
     Thread(String),
+    /// This node would read run windows differently from the cluster: its time zone or default
+    /// run window differs from the ones the cluster's first node stored in ZooKeeper
+    /// (`/config/schedule`). Start it with the cluster's settings. To change them for the whole
+    /// cluster, stop every node, delete `/config/schedule` under the cluster's chroot, and start
+    /// the nodes with the new settings.
+    #[error(
+        "this node's schedule settings ({node}) differ from the cluster's ({cluster}, stored in ZooKeeper at \
+         /config/schedule); start it with the cluster's settings, or stop every node and delete /config/schedule \
+         to change them"
+    )]
+    ScheduleMismatch {
+        /// This node's settings.
+        node: ScheduleSettings,
+        /// The cluster's.
+        cluster: ScheduleSettings,
+    },
 }
 
 /// A validated node configuration; [`TaskCenter::start`] runs it.
@@ -208,9 +224,18 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
         CoordinationConfig::Embedded(server) => Arc::new(server.connect()),
     };
     let store = TaskStore::new(coord.clone(), config.clock.clone());
-    if let Err(e) = store.init().await {
+    let ours = config.schedule.settings();
+    let agreed = async {
+        store.init().await?;
+        let cluster = store.agree_schedule(&ours).await?;
+        match cluster == ours {
+            true => Ok(()),
+            false => Err(StartError::ScheduleMismatch { node: ours.clone(), cluster }),
+        }
+    };
+    if let Err(e) = agreed.await {
         coord.close().await;
-        return Err(e.into());
+        return Err(e);
     }
     let mirror = match TaskMirror::start(store.clone(), &config.data_dir.join("cache")).await {
         Ok(mirror) => Arc::new(mirror),

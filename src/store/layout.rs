@@ -12,6 +12,8 @@
 //! /election/candidate-<token>-<seq>       ephemeral-sequential election candidates; the lowest leads
 //! /runners/<node-id>                      ephemeral runner registration (RunnerInfo)
 //! /vips/<service>                         VIP configuration (VipConfig)    writer: dispatcher
+//! /config/schedule                        the cluster's time zone and default run window
+//!                                         (ScheduleSettings)               writer: the first node to start
 //! ```
 //!
 //! Sequential names carry a random token before the sequence number, so that a session that lost
@@ -28,8 +30,12 @@ pub const ELECTION: &str = "/election";
 pub const RUNNERS: &str = "/runners";
 /// Parent of VIP configurations.
 pub const VIPS: &str = "/vips";
+/// Parent of cluster-wide settings.
+pub const CONFIG: &str = "/config";
+/// The cluster's time zone and default run window, which every node must share.
+pub const SCHEDULE: &str = "/config/schedule";
 /// The persistent parents, created when a cluster first starts.
-pub const ROOTS: [&str; 4] = [TASKS, ELECTION, RUNNERS, VIPS];
+pub const ROOTS: [&str; 5] = [TASKS, ELECTION, RUNNERS, VIPS, CONFIG];
 
 /// Name of a task's status record under its control node.
 pub const STATUS: &str = "status";

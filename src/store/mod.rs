@@ -30,6 +30,7 @@ use crate::model::{
     Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState,
     TaskStatus, VipConfig,
 };
+use crate::schedule::ScheduleSettings;
 
 mod error;
 pub mod layout;
@@ -117,6 +118,20 @@ impl TaskStore {
             ensure_path(self.coord.as_ref(), root).await?;
         }
         Ok(())
+    }
+
+    /// The cluster's schedule settings: `ours` if none were stored yet (this node is the
+    /// cluster's first; they are stored now), else the stored ones, which the caller compares
+    /// with its own. Never overwrites.
+    pub async fn agree_schedule(&self, ours: &ScheduleSettings) -> Result<ScheduleSettings> {
+        match self.coord.create(layout::SCHEDULE, &encode(ours), CreateMode::Persistent).await {
+            Ok(_) => Ok(ours.clone()),
+            Err(CoordError::NodeExists { .. }) => {
+                let (data, _) = self.coord.get(layout::SCHEDULE).await?;
+                decode(layout::SCHEDULE, &data)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Stores a new task, all three records at once. Idempotent: creating an id that exists with
