@@ -343,17 +343,46 @@ async fn tcp_garbage_and_oversized_frames_close_only_their_connection() {
         raw.write_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         raw.expect_disconnected().await;
 
-        // A frame with an unknown version instead of the hello: refused, then closed.
+        // A frame with an unknown version instead of the hello: refused, then closed. (Version 1,
+        // which had no frame tags, is one of them.)
         let mut raw = RawClient::connect(&address).await;
-        raw.write_frame(Bytes::from_static(&[9, 0, 1, 2, 3])).await;
+        raw.write_frame(Bytes::from_static(&[1, 0, 1, 2, 3])).await;
         let answer = raw.receive().await;
         assert!(matches!(&answer, wire::ServerMessage::Refused { reason } if reason.contains("version")), "{answer:?}");
         raw.expect_disconnected().await;
 
-        // After a good handshake: a frame that does not decode.
+        // After a good handshake: a frame with a good tag that does not decode.
         let mut raw = RawClient::connect(&address).await;
         assert_eq!(raw.handshake(&key).await, wire::ServerMessage::Welcome);
-        raw.write_frame(Bytes::from_static(&[1, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF])).await;
+        raw.send_sealed(&[VERSION, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]).await;
+        raw.expect_disconnected().await;
+
+        // After a good handshake: a good request without its tag (what an injector without the
+        // secret can send), then one with a tag altered on the way.
+        for alter in [false, true] {
+            let mut raw = RawClient::connect(&address).await;
+            assert_eq!(raw.handshake(&key).await, wire::ServerMessage::Welcome);
+            let ping = postcard::to_extend(&wire::ClientMessage::Request(ping(1)), vec![VERSION]).unwrap();
+            let frame = match alter {
+                false => Bytes::from(ping),
+                true => {
+                    let mut sealed = raw.seal(&ping).to_vec();
+                    *sealed.last_mut().unwrap() ^= 1;
+                    Bytes::from(sealed)
+                }
+            };
+            raw.write_frame(frame).await;
+            raw.expect_disconnected().await;
+        }
+
+        // After a good handshake: a good request, answered, then the same frame replayed.
+        let mut raw = RawClient::connect(&address).await;
+        assert_eq!(raw.handshake(&key).await, wire::ServerMessage::Welcome);
+        let ping = postcard::to_extend(&wire::ClientMessage::Request(ping(2)), vec![VERSION]).unwrap();
+        let sealed = raw.seal(&ping);
+        raw.write_frame(sealed.clone()).await;
+        assert!(matches!(raw.receive().await, wire::ServerMessage::Reply(wire::Frame { id: 2, .. })));
+        raw.write_frame(sealed).await;
         raw.expect_disconnected().await;
 
         // After a good handshake: a frame declaring 4 GiB.
@@ -365,13 +394,15 @@ async fn tcp_garbage_and_oversized_frames_close_only_their_connection() {
         // After a good handshake: a second hello.
         let mut raw = RawClient::connect(&address).await;
         assert_eq!(raw.handshake(&key).await, wire::ServerMessage::Welcome);
-        raw.send(&wire::ClientMessage::Hello { version: 1, client_nonce: [0; 32] }).await;
+        raw.send(&wire::ClientMessage::Hello { version: VERSION, client_nonce: [0; 32] }).await;
         raw.expect_disconnected().await;
     };
     step("hostile clients", hostile).await;
     step("good calls", good).await.expect("good caller");
     assert!(step("after", client.call(&address, PeerRequest::Ping, CALL_TIMEOUT)).await.is_ok());
-    assert_eq!(echo.calls(), 202);
+    // 200 good calls, the one before and the one after, and the replayed ping's first run: no
+    // forged or replayed frame reached the handler.
+    assert_eq!(echo.calls(), 203);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,20 +627,62 @@ mod wire {
     }
 }
 
-/// A hand-driven client of the TCP protocol.
+/// The protocol version this client speaks: the first byte of every frame.
+const VERSION: u8 = 2;
+
+/// A request frame for `Ping`.
+fn ping(id: u64) -> wire::Frame<PeerRequest> {
+    wire::Frame { id, body: PeerRequest::Ping }
+}
+
+/// A hand-driven client of the TCP protocol, written from its documentation (module docs of
+/// `transport::tcp` and `auth`), not from its code.
 struct RawClient {
     framed: Framed<TcpStream, LengthDelimitedCodec>,
+    /// After `Welcome`: the frame keys and counts.
+    session: Option<RawSession>,
+}
+
+struct RawSession {
+    send_key: [u8; 32],
+    sent: u64,
+    receive_key: [u8; 32],
+    received: u64,
+}
+
+/// `BLAKE3-keyed(key, n as 8 bytes little-endian || frame)`.
+fn frame_tag(key: &[u8; 32], n: u64, frame: &[u8]) -> [u8; 32] {
+    *blake3::Hasher::new_keyed(key).update(&n.to_le_bytes()).update(frame).finalize().as_bytes()
 }
 
 impl RawClient {
     async fn connect(address: &str) -> RawClient {
         let stream = TcpStream::connect(address).await.expect("connect");
-        RawClient { framed: Framed::new(stream, LengthDelimitedCodec::new()) }
+        RawClient { framed: Framed::new(stream, LengthDelimitedCodec::new()), session: None }
     }
 
+    /// Sends `message`, with its tag once the handshake is done.
     async fn send(&mut self, message: &wire::ClientMessage) {
-        let bytes = postcard::to_extend(message, vec![1u8]).unwrap();
-        self.write_frame(Bytes::from(bytes)).await;
+        let bytes = postcard::to_extend(message, vec![VERSION]).unwrap();
+        match self.session.is_some() {
+            true => self.send_sealed(&bytes).await,
+            false => self.write_frame(Bytes::from(bytes)).await,
+        }
+    }
+
+    /// Sends `frame` followed by the tag it must carry.
+    async fn send_sealed(&mut self, frame: &[u8]) {
+        let sealed = self.seal(frame);
+        self.write_frame(sealed).await;
+    }
+
+    /// `frame` followed by the tag it must carry (and counts it as sent).
+    fn seal(&mut self, frame: &[u8]) -> Bytes {
+        let session = self.session.as_mut().expect("sealing needs a finished handshake");
+        let mut sealed = frame.to_vec();
+        sealed.extend(frame_tag(&session.send_key, session.sent, frame));
+        session.sent += 1;
+        Bytes::from(sealed)
     }
 
     async fn write_frame(&mut self, frame: Bytes) {
@@ -620,24 +693,40 @@ impl RawClient {
         self.framed.get_mut().write_all(bytes).await.expect("write raw bytes");
     }
 
+    /// Receives one message; once the handshake is done, checks and strips its tag.
     async fn receive(&mut self) -> wire::ServerMessage {
-        let frame = self.framed.next().await.expect("a frame, not the end").expect("a readable frame");
-        assert_eq!(frame[0], 1, "version byte");
+        let mut frame = self.framed.next().await.expect("a frame, not the end").expect("a readable frame").to_vec();
+        if let Some(session) = &mut self.session {
+            let tag = frame.split_off(frame.len() - 32);
+            assert_eq!(tag, frame_tag(&session.receive_key, session.received, &frame), "the server's tag");
+            session.received += 1;
+        }
+        assert_eq!(frame[0], VERSION, "version byte");
         postcard::from_bytes(&frame[1..]).expect("a server message")
     }
 
     /// Runs the client's side of the handshake with `key`; returns the server's last word.
     async fn handshake(&mut self, key: &[u8; 32]) -> wire::ServerMessage {
         let client_nonce = [7u8; 32];
-        self.send(&wire::ClientMessage::Hello { version: 1, client_nonce }).await;
+        self.send(&wire::ClientMessage::Hello { version: VERSION, client_nonce }).await;
         let server_nonce = match self.receive().await {
             wire::ServerMessage::Challenge { server_nonce, .. } => server_nonce,
             other => return other,
         };
-        let mut mac = blake3::Hasher::new_keyed(key);
-        mac.update(b"client").update(&server_nonce).update(&client_nonce);
-        self.send(&wire::ClientMessage::Proof { proof: *mac.finalize().as_bytes() }).await;
-        self.receive().await
+        let mac = |label: &[u8], first: &[u8; 32], second: &[u8; 32]| {
+            *blake3::Hasher::new_keyed(key).update(label).update(first).update(second).finalize().as_bytes()
+        };
+        self.send(&wire::ClientMessage::Proof { proof: mac(b"client", &server_nonce, &client_nonce) }).await;
+        let answer = self.receive().await;
+        if answer == wire::ServerMessage::Welcome {
+            self.session = Some(RawSession {
+                send_key: mac(b"client frames", &client_nonce, &server_nonce),
+                sent: 0,
+                receive_key: mac(b"server frames", &client_nonce, &server_nonce),
+                received: 0,
+            });
+        }
+        answer
     }
 
     /// Reads until the server closes the connection (end of stream or reset).

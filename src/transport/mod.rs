@@ -8,9 +8,11 @@
 //!   partitions.
 //! - [`TcpTransport`]: tokio TCP, length-delimited frames, a versioned binary encoding (postcard),
 //!   a maximum frame size, per-call timeouts, reconnects with backoff, and mutual
-//!   challenge-response authentication with a shared cluster secret. A peer without the secret
-//!   gets nothing but a refusal; a malformed or oversized frame closes that connection, with the
-//!   reason logged, and hurts nothing else.
+//!   challenge-response authentication with a shared cluster secret, then a tag on every frame
+//!   (keyed per connection and direction, counted), so nothing can be altered, injected or
+//!   replayed on an open connection either. A peer without the secret gets nothing but a
+//!   refusal; a malformed, oversized or forged frame closes that connection, with the reason
+//!   logged, and hurts nothing else. Frames are not encrypted.
 //!
 //! A host may plug in its own transport (its RPC framework) by implementing the trait.
 //!

@@ -11,28 +11,33 @@
 //! # Wire format
 //!
 //! Every frame is a 4-byte big-endian length, then that many bytes (at most
-//! [`TcpConfig::max_frame_bytes`]): one version byte (`1`), then one postcard-encoded message.
+//! [`TcpConfig::max_frame_bytes`]): one version byte (`2`), then one postcard-encoded message,
+//! then, on every frame after `Welcome`, a 32-byte tag.
 //! A client sends `ClientMessage`s, a server `ServerMessage`s (enums, so every frame says what it
 //! is). The connection opens with the handshake:
 //!
 //! ```text
 //!  client                                                   server
-//!    │── Hello { version: 1, client_nonce } ──────────────────▶│
+//!    │── Hello { version: 2, client_nonce } ──────────────────▶│
 //!    │◀──────────── Challenge { server_nonce, server_proof } ──│  server_proof = MAC("server" ‖ cn ‖ sn)
 //!    │   (wrong server_proof: the client hangs up, `Refused`)  │
 //!    │── Proof { MAC("client" ‖ sn ‖ cn) } ───────────────────▶│
 //!    │◀────────────────────────── Welcome | Refused { reason } │  (and closes after Refused)
 //!    │                                                         │
-//!    │── Request { id: 7, body: PeerRequest } ────────────────▶│  requests and replies
-//!    │── Request { id: 8, body: PeerRequest } ────────────────▶│  interleave freely
-//!    │◀──────────────────────── Reply { id: 8, body: PeerReply } │
-//!    │◀───────────── Failed { id: 7, failure } (no reply to 7) │
+//!    │── Request { id: 7, body: PeerRequest } ‖ tag ──────────▶│  requests and replies
+//!    │── Request { id: 8, body: PeerRequest } ‖ tag ──────────▶│  interleave freely
+//!    │◀────────────────── Reply { id: 8, body: PeerReply } ‖ tag │
+//!    │◀──────── Failed { id: 7, failure } ‖ tag (no reply to 7) │
 //! ```
 //!
-//! `MAC(m)` is BLAKE3 keyed with `derive_key("task-center transport v1", secret)`; see the
-//! `auth` submodule for why it is built so. Nothing but the handshake is answered before
-//! `Welcome`: a peer without the secret never reaches the handler. Authentication does not
-//! encrypt the frames that follow: run the cluster network on trusted links.
+//! `MAC(m)` is BLAKE3 keyed with `derive_key("task-center transport v1", secret)`. The tag of
+//! the n-th frame a side sends after `Welcome` is BLAKE3 keyed with that side's frame key
+//! (`MAC("client frames" ‖ cn ‖ sn)` or `MAC("server frames" ‖ cn ‖ sn)`) over `n` (8 bytes,
+//! little-endian) and the frame; a frame whose tag is wrong (altered, injected, replayed,
+//! reordered, reflected) closes the connection. See the `auth` submodule for why it is built
+//! so. Nothing but the handshake is answered before `Welcome`: a peer without the secret never
+//! reaches the handler. Frames are not encrypted: run the cluster network on trusted links or
+//! under WireGuard if requests and replies must stay private.
 //!
 //! `Failed` answers a request that has no reply: the reply exceeded the frame limit (the call
 //! fails with [`TransportError::TooLarge`]) or the handler panicked (`Unreachable`).
@@ -166,9 +171,15 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The writer of a connection: sends queued frames, batching those already waiting into one
-/// flush, until the queue closes or `stop` is cancelled.
-async fn write_frames<S>(mut sink: S, mut queue: mpsc::Receiver<Bytes>, stop: CancellationToken) -> std::io::Result<()>
+/// The writer of a connection: seals and sends queued frames, batching those already waiting
+/// into one flush, until the queue closes or `stop` is cancelled. The one writer of its
+/// direction, so frames are sealed in the order they go out.
+async fn write_frames<S>(
+    mut sink: S,
+    mut queue: mpsc::Receiver<Bytes>,
+    mut sealer: auth::Sealer,
+    stop: CancellationToken,
+) -> std::io::Result<()>
 where
     S: Sink<Bytes, Error = std::io::Error> + Unpin,
 {
@@ -180,9 +191,9 @@ where
         };
         let Some(first) = first else { return Ok(()) };
         let batch = async {
-            sink.feed(first).await?;
+            sink.feed(sealer.seal(first)).await?;
             while let Ok(next) = queue.try_recv() {
-                sink.feed(next).await?;
+                sink.feed(sealer.seal(next)).await?;
             }
             sink.flush().await
         };

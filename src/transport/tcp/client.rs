@@ -189,7 +189,10 @@ async fn connect(
 ) -> Result<Arc<Connection>, TransportError> {
     let limit = settings.config.connect_timeout_ms;
     match tokio::time::timeout(settings.config.connect_timeout(), open(address, settings)).await {
-        Ok(framed) => Ok(Connection::start(address, framed?, settings, closed)),
+        Ok(opened) => {
+            let (framed, session) = opened?;
+            Ok(Connection::start(address, framed, session, settings, closed))
+        }
         Err(_) => Err(TransportError::Unreachable {
             address: address.to_string(),
             reason: format!("not connected and authenticated within the connect timeout of {limit} ms"),
@@ -197,7 +200,10 @@ async fn connect(
     }
 }
 
-async fn open(address: &str, settings: &Settings) -> Result<Framed<TcpStream, LengthDelimitedCodec>, TransportError> {
+async fn open(
+    address: &str,
+    settings: &Settings,
+) -> Result<(Framed<TcpStream, LengthDelimitedCodec>, auth::Session), TransportError> {
     let stream = TcpStream::connect(address).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidInput => {
             TransportError::BadAddress { address: address.to_string(), reason: e.to_string() }
@@ -208,13 +214,13 @@ async fn open(address: &str, settings: &Settings) -> Result<Framed<TcpStream, Le
     let _ = stream.set_nodelay(true);
     let max_frame_bytes = settings.config.max_frame_bytes;
     let mut framed = Framed::new(stream, wire::codec(max_frame_bytes));
-    auth::client_handshake(&mut framed, &settings.key, max_frame_bytes).await.map_err(|e| match e {
+    let session = auth::client_handshake(&mut framed, &settings.key, max_frame_bytes).await.map_err(|e| match e {
         HandshakeError::BadProof | HandshakeError::Refused(_) | HandshakeError::Wire(WireError::Version(_)) => {
             TransportError::Refused { address: address.to_string(), reason: e.to_string() }
         }
         other => TransportError::Unreachable { address: address.to_string(), reason: format!("handshake: {other}") },
     })?;
-    Ok(framed)
+    Ok((framed, session))
 }
 
 /// An authenticated connection carrying many calls at once.
@@ -243,6 +249,7 @@ impl Connection {
     fn start(
         address: &str,
         framed: Framed<TcpStream, LengthDelimitedCodec>,
+        session: auth::Session,
         settings: &Settings,
         closed: CancellationToken,
     ) -> Arc<Connection> {
@@ -261,11 +268,11 @@ impl Connection {
         let (sink, stream) = framed.split();
         let writer = connection.clone();
         tokio::spawn(async move {
-            if let Err(e) = write_frames(sink, queue, writer.closed.clone()).await {
+            if let Err(e) = write_frames(sink, queue, session.sealer, writer.closed.clone()).await {
                 writer.close(writer.unreachable(format!("cannot write: {e}")));
             }
         });
-        tokio::spawn(read_replies(connection.clone(), stream));
+        tokio::spawn(read_replies(connection.clone(), stream, session.opener));
         connection
     }
 
@@ -369,7 +376,11 @@ impl Drop for Registered<'_> {
     }
 }
 
-async fn read_replies(connection: Arc<Connection>, mut frames: SplitStream<Framed<TcpStream, LengthDelimitedCodec>>) {
+async fn read_replies(
+    connection: Arc<Connection>,
+    mut frames: SplitStream<Framed<TcpStream, LengthDelimitedCodec>>,
+    mut opener: auth::Opener,
+) {
     let peer = connection.address.clone();
     let error = loop {
         let frame = tokio::select! {
@@ -386,8 +397,15 @@ async fn read_replies(connection: Arc<Connection>, mut frames: SplitStream<Frame
             }
             None => break connection.unreachable("the peer closed the connection".into()),
         };
+        let frame = match opener.open(&frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                warn!(%peer, reason = %e, "closing connection: forged frame");
+                break connection.unreachable(format!("forged frame: {e}"));
+            }
+        };
         connection.frames_received.fetch_add(1, Ordering::Release);
-        match wire::decode::<ServerMessage>(&frame) {
+        match wire::decode::<ServerMessage>(frame) {
             Ok(ServerMessage::Reply(Frame { id, body })) => connection.answer(id, Ok(body)),
             Ok(ServerMessage::Failed { id, failure }) => connection.answer(id, Err(failure_error(&peer, failure))),
             Ok(_) => {

@@ -131,8 +131,11 @@ async fn serve(
         _ = stop.cancelled() => return,
         outcome = tokio::time::timeout(config.connect_timeout(), handshake) => outcome,
     };
-    match outcome {
-        Ok(Ok(())) => debug!(%peer, "peer authenticated"),
+    let session = match outcome {
+        Ok(Ok(session)) => {
+            debug!(%peer, "peer authenticated");
+            session
+        }
         Ok(Err(e)) => {
             warn!(%peer, reason = %e, "closing connection: handshake failed");
             return;
@@ -142,22 +145,23 @@ async fn serve(
             warn!(%peer, %reason, "closing connection: handshake failed");
             return;
         }
-    }
+    };
     let (sink, frames) = framed.split();
     let (replies, queue) = mpsc::channel(config.max_concurrent_requests_per_connection);
     let writer_stop = stop.clone();
     tokio::spawn(async move {
-        if let Err(e) = write_frames(sink, queue, writer_stop.clone()).await {
+        if let Err(e) = write_frames(sink, queue, session.sealer, writer_stop.clone()).await {
             warn!(%peer, reason = %e, "closing connection: cannot write");
         }
         writer_stop.cancel();
     });
-    read_requests(frames, peer, &service, replies, &stop).await;
+    read_requests(frames, session.opener, peer, &service, replies, &stop).await;
     stop.cancel();
 }
 
 async fn read_requests(
     mut frames: SplitStream<Framed<TcpStream, LengthDelimitedCodec>>,
+    mut opener: auth::Opener,
     peer: SocketAddr,
     service: &Arc<Service>,
     replies: mpsc::Sender<Bytes>,
@@ -170,7 +174,8 @@ async fn read_requests(
             _ = stop.cancelled() => return,
             frame = frames.next() => frame,
         };
-        let request = match frame.map(|frame| frame.map(|bytes| wire::decode::<ClientMessage>(&bytes))) {
+        let mut opened = |bytes: &[u8]| opener.open(bytes).and_then(wire::decode::<ClientMessage>);
+        let request = match frame.map(|frame| frame.map(|bytes| opened(&bytes))) {
             None => return debug!(%peer, "the peer closed the connection"),
             Some(Err(e)) => {
                 let reason = wire::read_error(&e, service.settings.config.max_frame_bytes);

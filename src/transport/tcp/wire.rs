@@ -12,7 +12,11 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 use crate::api::{PeerReply, PeerRequest};
 
 /// The protocol version: the first byte of every frame, and the `version` of [`ClientMessage::Hello`].
-pub(super) const PROTOCOL_VERSION: u8 = 1;
+/// Version 2 added the tag to every frame after the handshake.
+pub(super) const PROTOCOL_VERSION: u8 = 2;
+
+/// Length of the authentication tag that ends every frame after the handshake (see `auth`).
+pub(super) const TAG_BYTES: usize = 32;
 
 /// Length of a nonce and of a proof, in bytes.
 pub(super) const NONCE_BYTES: usize = 32;
@@ -83,6 +87,9 @@ pub(super) enum WireError {
     /// The encoded message exceeds the frame limit.
     #[error("message of {bytes} bytes exceeds the frame limit of {limit} bytes")]
     TooLarge { bytes: usize, limit: usize },
+    /// The frame's tag is not the one the next frame from the authenticated peer must carry.
+    #[error("frame failed authentication (altered, injected, replayed or reordered on the way)")]
+    Forged,
 }
 
 /// The frame codec: a 4-byte big-endian length, then that many bytes, at most `max_frame_bytes`.
@@ -100,11 +107,12 @@ pub(super) fn read_error(error: &std::io::Error, max_frame_bytes: usize) -> Stri
     }
 }
 
-/// Encodes `message` as one frame body: the version byte, then postcard.
+/// Encodes `message` as one frame body: the version byte, then postcard. Room is left for the
+/// tag: the body may take `max_frame_bytes - TAG_BYTES`.
 pub(super) fn encode<T: Serialize>(message: &T, max_frame_bytes: usize) -> Result<Bytes, WireError> {
     let body = postcard::to_extend(message, vec![PROTOCOL_VERSION]).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if body.len() > max_frame_bytes {
-        return Err(WireError::TooLarge { bytes: body.len(), limit: max_frame_bytes });
+    if body.len() + TAG_BYTES > max_frame_bytes {
+        return Err(WireError::TooLarge { bytes: body.len() + TAG_BYTES, limit: max_frame_bytes });
     }
     Ok(Bytes::from(body))
 }
@@ -162,9 +170,9 @@ mod tests {
 
     #[test]
     fn the_hello_layout_is_fixed() {
-        // Version byte, variant 0, version, then the 32 nonce bytes: what any v1 peer sends.
-        let bytes = encode(&ClientMessage::Hello { version: 1, client_nonce: [0xAB; 32] }, LIMIT).unwrap();
-        let mut expected = vec![1, 0, 1];
+        // Version byte, variant 0, version, then the 32 nonce bytes: what any v2 peer sends.
+        let bytes = encode(&ClientMessage::Hello { version: 2, client_nonce: [0xAB; 32] }, LIMIT).unwrap();
+        let mut expected = vec![2, 0, 2];
         expected.extend([0xAB; 32]);
         assert_eq!(&bytes[..], &expected[..]);
     }
@@ -174,8 +182,8 @@ mod tests {
         let good = encode(&ClientMessage::Request(Frame { id: 1, body: PeerRequest::Ping }), LIMIT).unwrap();
         assert_eq!(decode::<ClientMessage>(&[]), Err(WireError::Empty));
         let mut other_version = good.to_vec();
-        other_version[0] = 2;
-        assert_eq!(decode::<ClientMessage>(&other_version), Err(WireError::Version(2)));
+        other_version[0] = 3;
+        assert_eq!(decode::<ClientMessage>(&other_version), Err(WireError::Version(3)));
         let mut trailing = good.to_vec();
         trailing.push(0);
         assert!(matches!(decode::<ClientMessage>(&trailing), Err(WireError::Malformed(_))));
