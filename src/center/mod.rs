@@ -228,10 +228,10 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
     let agreed = async {
         store.init().await?;
         let cluster = store.agree_schedule(&ours).await?;
-        match cluster == ours {
-            true => Ok(()),
-            false => Err(StartError::ScheduleMismatch { node: ours.clone(), cluster }),
+        if cluster != ours {
+            return Err(StartError::ScheduleMismatch { node: ours.clone(), cluster });
         }
+        Ok(())
     };
     if let Err(e) = agreed.await {
         coord.close().await;
