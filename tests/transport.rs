@@ -363,13 +363,12 @@ async fn tcp_garbage_and_oversized_frames_close_only_their_connection() {
             let mut raw = RawClient::connect(&address).await;
             assert_eq!(raw.handshake(&key).await, wire::ServerMessage::Welcome);
             let ping = postcard::to_extend(&wire::ClientMessage::Request(ping(1)), vec![VERSION]).unwrap();
-            let frame = match alter {
-                false => Bytes::from(ping),
-                true => {
-                    let mut sealed = raw.seal(&ping).to_vec();
-                    *sealed.last_mut().unwrap() ^= 1;
-                    Bytes::from(sealed)
-                }
+            let frame = if alter {
+                let mut sealed = raw.seal(&ping).to_vec();
+                *sealed.last_mut().unwrap() ^= 1;
+                Bytes::from(sealed)
+            } else {
+                Bytes::from(ping)
             };
             raw.write_frame(frame).await;
             raw.expect_disconnected().await;
@@ -664,9 +663,10 @@ impl RawClient {
     /// Sends `message`, with its tag once the handshake is done.
     async fn send(&mut self, message: &wire::ClientMessage) {
         let bytes = postcard::to_extend(message, vec![VERSION]).unwrap();
-        match self.session.is_some() {
-            true => self.send_sealed(&bytes).await,
-            false => self.write_frame(Bytes::from(bytes)).await,
+        if self.session.is_some() {
+            self.send_sealed(&bytes).await;
+        } else {
+            self.write_frame(Bytes::from(bytes)).await;
         }
     }
 
