@@ -103,7 +103,7 @@ fn draw(task: &Task) {
     let total = p.total_bytes.unwrap_or(VOLUME_BYTES).max(1);
     let done = (p.cursor_bytes * 30 / total) as usize;
     eprint!(
-        "\r  [{}{}] {:>5.1}%  copied {}, skipped {} hole / {} zero / {} unchanged, {}/s   ",
+        "\r  [{}{}] {:>5.1}%  copied {}, skipped {} hole / {} zero / {} unchanged, walking {}/s   ",
         "#".repeat(done),
         ".".repeat(30 - done),
         p.cursor_bytes as f64 * 100.0 / total as f64,

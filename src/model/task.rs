@@ -235,7 +235,9 @@ pub struct TaskProgress {
     /// The digest chain of a verified copy over the extents below the cursor (see
     /// `copy::engine`); the whole-volume digest once the copy succeeded.
     pub digest: Option<String>,
-    /// Copy rate over the current run, bytes per second.
+    /// How fast the cursor moved over the current run, in bytes of the volume per second (holes
+    /// and unchanged blocks included, so a sparse or incremental copy goes far faster than its
+    /// payload, and a bandwidth limit caps `bytes_copied`, not this): what an ETA divides by.
     pub rate_bytes_per_second: u64,
     /// When the record was last written, Unix milliseconds.
     pub updated_at_ms: i64,
