@@ -1,9 +1,11 @@
-//! Waiting for tasks without polling: one-shot watches on their status records.
+//! Waiting for tasks without polling: one-shot watches on their status and progress records.
 
 use std::time::Duration;
 
 use task_center::coord::Coordination;
-use task_center::model::{CopyOptions, CopyVolumeSpec, TaskId, TaskSpec, TaskState, TaskStatus, VolumeId};
+use task_center::model::{
+    CopyOptions, CopyVolumeSpec, TaskId, TaskProgress, TaskSpec, TaskState, TaskStatus, VolumeId,
+};
 use task_center::store::layout;
 
 /// Waits until task `id`'s status record satisfies `pred`, watching the record (no polling), and
@@ -14,18 +16,38 @@ pub async fn wait_task(
     timeout: Duration,
     pred: impl Fn(&TaskStatus) -> bool,
 ) -> TaskStatus {
-    let path = layout::status(&id);
+    wait_record(coord, &layout::status(&id), timeout, pred).await
+}
+
+/// Waits until task `id`'s progress record satisfies `pred`, as [`wait_task`] does.
+pub async fn wait_progress(
+    coord: &dyn Coordination,
+    id: TaskId,
+    timeout: Duration,
+    pred: impl Fn(&TaskProgress) -> bool,
+) -> TaskProgress {
+    wait_record(coord, &layout::progress(&id), timeout, pred).await
+}
+
+/// Waits until the JSON record at `path` satisfies `pred`, watching it (no polling), and returns
+/// it. Panics with the last value seen after `timeout`.
+async fn wait_record<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+    coord: &dyn Coordination,
+    path: &str,
+    timeout: Duration,
+    pred: impl Fn(&T) -> bool,
+) -> T {
     let mut last = None;
     let waited = tokio::time::timeout(timeout, async {
         loop {
-            match coord.exists_watch(&path).await {
+            match coord.exists_watch(path).await {
                 Ok((Some(_), watch)) => {
-                    let (data, _) = coord.get(&path).await.expect("read status");
-                    let status: TaskStatus = serde_json::from_slice(&data).expect("decode status");
-                    if pred(&status) {
-                        return status;
+                    let (data, _) = coord.get(path).await.expect("read the record");
+                    let value: T = serde_json::from_slice(&data).expect("decode the record");
+                    if pred(&value) {
+                        return value;
                     }
-                    last = Some(status);
+                    last = Some(value);
                     watch.await;
                 }
                 Ok((None, watch)) => {
@@ -41,8 +63,8 @@ pub async fn wait_task(
     })
     .await;
     match waited {
-        Ok(status) => status,
-        Err(_) => panic!("task {id} did not reach the expected status within {timeout:?}; last {last:?}"),
+        Ok(value) => value,
+        Err(_) => panic!("{path} did not reach the expected value within {timeout:?}; last {last:?}"),
     }
 }
 
