@@ -625,22 +625,32 @@ proptest! {
 /// Incremental copies where the file backend knows what changed: on XFS its snapshots are
 /// reflinks, `changed_ranges` comes from their extent maps, and the engine reads only the blocks
 /// in them. The target must still end exact, with data sent for exactly the changed blocks.
+///
+/// The backend answers `None` when the two snapshots share no block although both hold data
+/// (no reflinks; or nothing left in common, which random changes can make), so tracking is
+/// asserted over the run, not per case: most cases must get it.
 #[test]
 fn incremental_copies_with_reflink_change_tracking_are_exact() {
     let Some(fs) = ReflinkFs::new() else { return };
-    let config = ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(16) };
+    const CASES: u32 = 16;
+    let config = ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(CASES) };
     let mut runner = proptest::test_runner::TestRunner::new(config);
+    let tracked = std::sync::atomic::AtomicU32::new(0);
     let outcome = runner.run(&scenario(128), |scenario| {
         block_on(async {
             let (rig, task) = case(Store::FilesIn(fs.path()), Mode::Incremental(None), scenario).await;
-            // The backend did tell what changed (it answers `None` when it cannot).
             let (base, to) = (SnapshotId::new(BASE).unwrap(), CopyEngine::snapshot_name(&task.id));
-            let changed = rig.backend.changed_ranges(&rig.source, &base, &to, 0..rig.size);
-            assert!(changed.await.unwrap().is_some(), "no change tracking on a reflink filesystem");
+            let changed = rig.backend.changed_ranges(&rig.source, &base, &to, 0..rig.size).await.unwrap();
+            if changed.is_some() {
+                tracked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         });
         Ok(())
     });
     if let Err(failure) = outcome {
         panic!("{failure}");
     }
+    let tracked = tracked.into_inner();
+    println!("the backend told what changed in {tracked} of {CASES} cases");
+    assert!(2 * tracked >= CASES, "change tracking in only {tracked} of {CASES} cases on a reflink filesystem");
 }

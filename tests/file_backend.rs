@@ -341,8 +341,23 @@ async fn reflink_snapshots_report_exactly_what_was_written_between_them() {
     let part = backend.changed_ranges(&vol, &snap("s1"), &snap("s2"), 0..MIB + 10_000).await.unwrap();
     let want = std::iter::once(MIB + 8192..MIB + 10_000).collect::<Vec<_>>();
     assert_eq!(part, Some(want));
-    let same = backend.changed_ranges(&vol, &snap("s2"), &snap("s2"), whole).await.unwrap();
+    let same = backend.changed_ranges(&vol, &snap("s2"), &snap("s2"), whole.clone()).await.unwrap();
     assert_eq!(same, Some(vec![]));
+
+    // A volume punched whole after its only snapshot: the two snapshots share no block (the
+    // first one alone holds its data now), and the second is all holes, so the maps still tell:
+    // the changes are exactly the first one's data.
+    let other = volume("vol-b");
+    backend.create_volume(&other, 64 * MIB).await.unwrap();
+    let target = backend.open_target(&other).await.unwrap();
+    target.write(3 * MIB, pattern(4, 2 * MIB)).await.unwrap();
+    target.flush().await.unwrap();
+    backend.take_snapshot(&other, &snap("full")).await.unwrap();
+    target.zero(whole.clone()).await.unwrap();
+    target.flush().await.unwrap();
+    backend.take_snapshot(&other, &snap("empty")).await.unwrap();
+    let emptied = backend.changed_ranges(&other, &snap("full"), &snap("empty"), whole).await.unwrap();
+    assert_eq!(emptied, Some(std::iter::once(3 * MIB..5 * MIB).collect()));
 }
 
 /// Snapshots made by copying share no block, so their maps say nothing: `None`, and the engine

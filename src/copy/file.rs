@@ -282,8 +282,8 @@ impl CopyBackend for FileBackend {
 
     /// From the extent maps of the two snapshot files (see [Limits](self#limits)): `Ok(None)`
     /// when they are on different filesystems, the filesystem has no `FIEMAP`, or the files
-    /// share no extent in `range` though one of them holds data there (no reflinks: nothing to
-    /// learn from the maps).
+    /// share no extent in `range` though both hold data there (no reflinks: nothing to learn
+    /// from the maps).
     async fn changed_ranges(
         &self,
         volume: &VolumeRef,
@@ -305,10 +305,11 @@ impl CopyBackend for FileBackend {
                 fiemap::mappings(file, range.clone()).map_err(|err| io_error("map extents of", path, err))
             };
             let (Some(a), Some(b)) = (map(&a, &from)?, map(&b, &to)?) else { return Ok(None) };
-            // With data on either side but no block shared, the maps cannot tell equal bytes
-            // from different ones (no reflinks here). Two holes are equal anywhere.
-            let has_data = !(a.is_empty() && b.is_empty());
-            if has_data && !a.iter().chain(&b).any(|mapping| mapping.shared) {
+            // With data on both sides but no block shared, the maps cannot tell equal bytes from
+            // different ones (no reflinks here). Where one side is all holes they can: its
+            // holes against the other's data are the changes.
+            let both_hold_data = !a.is_empty() && !b.is_empty();
+            if both_hold_data && !a.iter().chain(&b).any(|mapping| mapping.shared) {
                 return Ok(None);
             }
             Ok(Some(fiemap::differing(&a, &b, range)))
