@@ -12,13 +12,12 @@
 //!   advertisements (RFC 9131; checked on Linux 6.18, where a host with
 //!   `accept_untracked_na=1` but forwarding off still ignores it).
 
-#[path = "common/netns.rs"]
-mod netns;
+mod common;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use netns::{Lab, Netns};
+use common::netns::{Lab, Netns};
 use task_center::net::{self, NetError, Netlink, RouteMatch, VipAction};
 
 /// How long a neighbour may take to process an announcement (it is immediate in practice).

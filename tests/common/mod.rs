@@ -23,6 +23,26 @@ use tokio::sync::watch;
 pub use proxy::Proxy;
 pub use zk::{connect_string, ensure_installed, shared_zk, unique_chroot, ZkServer, NOT_INSTALLED};
 
+/// Runs `program` with `args` and returns its stdout, or an error naming the command, its exit
+/// status and its stderr. The program is looked up in `PATH`, then in `/usr/sbin` and `/sbin`
+/// (where `ip` and `mkfs.xfs` live, and which a non-login `PATH` may lack).
+pub fn run_command(program: &str, args: &[&str]) -> Result<String, String> {
+    let found = std::iter::once(std::path::PathBuf::from(program))
+        .chain(["/usr/sbin", "/sbin"].map(|dir| std::path::Path::new(dir).join(program)))
+        .find_map(|path| std::process::Command::new(&path).args(args).output().ok());
+    let output = found.ok_or_else(|| format!("`{program}`: not found in PATH, /usr/sbin or /sbin"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
 /// The hang guard for one step of a test: long enough never to fire on a slow machine.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 

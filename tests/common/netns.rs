@@ -19,6 +19,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
+use super::run_command;
+
 /// The prefix of every namespace these tests create: `tc-<prefix>-<pid>-<n>`.
 const NAME_PREFIX: &str = "tc-";
 
@@ -281,21 +283,6 @@ impl Lab {
             lab.hosts.push(LabHost { netns, interface: "eth0".into(), ipv4, ipv6 });
         }
         lab
-    }
-}
-
-/// Runs `program args...`: stdout, or a message with the status and stderr.
-fn run_command(program: &str, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(program).args(args).output().map_err(|e| format!("`{program}`: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
     }
 }
 

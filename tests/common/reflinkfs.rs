@@ -10,8 +10,9 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::run_command;
 
 /// The prefix of every directory these tests mount on: `tc-xfs-<pid>-<n>`.
 const NAME_PREFIX: &str = "tc-xfs-";
@@ -46,10 +47,10 @@ impl ReflinkFs {
         file.set_len(IMAGE_BYTES).unwrap();
         let fs = ReflinkFs { dir, mount };
         let image = image.to_str().expect("a UTF-8 temporary directory");
-        run("mkfs.xfs", &["-q", "-m", "reflink=1", image])
+        run_command("mkfs.xfs", &["-q", "-m", "reflink=1", image])
             .unwrap_or_else(|e| panic!("reflink tests need xfsprogs (scripts/test.sh installs it): {e}"));
         let mount = fs.mount.to_str().unwrap();
-        run("mount", &["-o", "loop", image, mount])
+        run_command("mount", &["-o", "loop", image, mount])
             .unwrap_or_else(|e| panic!("reflink tests need root and a loop device to mount an XFS image: {e}"));
         Some(fs)
     }
@@ -76,8 +77,8 @@ impl Drop for ReflinkFs {
 /// something still holds it.
 fn unmount(mount: &Path) {
     let mount = mount.to_str().unwrap();
-    if run("umount", &[mount]).is_err() {
-        let _ = run("umount", &["-l", mount]);
+    if run_command("umount", &[mount]).is_err() {
+        let _ = run_command("umount", &["-l", mount]);
     }
 }
 
@@ -95,24 +96,5 @@ fn sweep_stale() {
             unmount(path);
             let _ = std::fs::remove_dir_all(dir);
         }
-    }
-}
-
-/// Runs `program` (looked up in `PATH`, then in `/usr/sbin` and `/sbin`, where `mkfs.xfs` lives
-/// and which a non-login `PATH` may lack).
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let found = std::iter::once(PathBuf::from(program))
-        .chain(["/usr/sbin", "/sbin"].map(|dir| Path::new(dir).join(program)))
-        .find_map(|path| Command::new(&path).args(args).output().ok());
-    let output = found.ok_or_else(|| format!("`{program}`: not found in PATH, /usr/sbin or /sbin"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
     }
 }
