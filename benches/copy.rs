@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use task_center::copy::{is_zero, CopyEngine, MemoryBackend, VolumeRef};
-use task_center::exec::{Step, StopToken, TaskExecutor};
+use task_center::exec::{Licence, Step, StopToken, TaskExecutor};
+use task_center::model::WriterLease;
 use task_center::model::{
     CopyOptions, CopyVolumeSpec, RecordVersions, SnapshotId, Task, TaskControl, TaskId, TaskProgress, TaskSpec,
     TaskStatus, VolumeId,
@@ -84,7 +85,11 @@ fn setup(runtime: &tokio::runtime::Runtime, incremental: bool) -> Setup {
 /// Copies the one extent from the start (the source snapshot is taken on the first call).
 async fn copy_extent(setup: &Setup) {
     let mut progress = TaskProgress::default();
-    let mut run = setup.engine.start(&setup.task, &mut progress).await.unwrap();
+    let mut run = setup
+        .engine
+        .start(&setup.task, &Licence::unlimited(WriterLease::new(setup.task.id, 1)), &mut progress)
+        .await
+        .unwrap();
     let step = run.step(&mut progress, &StopToken::new()).await.unwrap();
     assert_eq!(step, Step::Done);
     black_box(progress);

@@ -77,7 +77,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use serde_json::json;
 use task_center::copy::{BackendResult, CopyBackend, CopyEngine, FileBackend, ReadVolume, VolumeRef, WriteVolume};
-use task_center::exec::{Step, StopToken, TaskExecutor};
+use task_center::exec::{Licence, Step, StopToken, TaskExecutor};
+use task_center::model::WriterLease;
 use task_center::model::{
     CopyOptions, CopyVolumeSpec, ProgressCounters, RecordVersions, SnapshotId, Task, TaskControl, TaskId, TaskProgress,
     TaskSpec, TaskStatus, VolumeId,
@@ -535,7 +536,7 @@ async fn run_engine(backend: Arc<dyn CopyBackend>, task: &Task) -> Result<Sample
     let (started, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_SELF));
     // The source snapshot exists already (a hard link, see the module docs).
     let mut progress = TaskProgress { source_snapshot: Some(snapshot), ..TaskProgress::default() };
-    let mut run = engine.start(task, &mut progress).await?;
+    let mut run = engine.start(task, &Licence::unlimited(WriterLease::new(task.id, 1)), &mut progress).await?;
     let stop = StopToken::new();
     while run.step(&mut progress, &stop).await? == Step::More {}
     let seconds = started.elapsed().as_secs_f64();
@@ -585,8 +586,8 @@ impl CopyBackend for Tracked {
         self.inner.open_snapshot(volume, snapshot).await
     }
 
-    async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>> {
-        self.inner.open_target(volume).await
+    async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>> {
+        self.inner.open_target(volume, lease).await
     }
 
     async fn changed_ranges(

@@ -63,6 +63,7 @@
 //! - [`transport`]: node-to-node calls: in process, or TCP with a cluster secret.
 //! - [`copy`]: the copy-backend trait, the file and memory backends, the copy engine.
 //! - [`exec`]: the executor traits the controller drives (the copy engine is one).
+//! - [`lease`]: the runner's local lease on its session, by which it fences itself.
 //! - [`schedule`]: run-window policy; [`clock`]: injectable time.
 //! - [`store`]: the znode layout and the fenced, role-separated task records.
 //! - [`cache`]: the LMDB mirror that serves reads.
@@ -82,6 +83,7 @@ pub mod clock;
 pub mod coord;
 pub mod copy;
 pub mod exec;
+pub mod lease;
 pub mod model;
 pub mod net;
 pub mod schedule;

@@ -1309,7 +1309,7 @@ fn copy_node_config(id: &str, zookeeper: &str, volumes: &std::path::Path) -> Nod
 /// holds that thread for about 0.6 s; on a loaded machine two of them made a node miss its
 /// ZooKeeper read timeout (1.6 s) and drop the task, which then ran a third time.
 async fn scatter_source(backend: &FileBackend, source: &VolumeRef, rng: &mut XorShift) -> Vec<Range<u64>> {
-    let volume = backend.open_target(source).await.expect("open the source for writing");
+    let volume = backend.open_target(source, &setup_lease()).await.expect("open the source for writing");
     let mut runs = Vec::new();
     for extent in 0..VOLUME_BYTES / EXTENT_BYTES {
         let base = extent * EXTENT_BYTES;
@@ -1333,7 +1333,7 @@ async fn scatter_source(backend: &FileBackend, source: &VolumeRef, rng: &mut Xor
 /// written over data, and a hole punched through data (inside the last long runs of data that
 /// `scatter_source` wrote).
 async fn change_source(backend: &FileBackend, source: &VolumeRef, runs: &[Range<u64>], rng: &mut XorShift) {
-    let volume = backend.open_target(source).await.expect("open the source for writing");
+    let volume = backend.open_target(source, &setup_lease()).await.expect("open the source for writing");
     for _ in 0..12 {
         let len = rng.range(1, 512 << 10);
         let offset = rng.range(0, VOLUME_BYTES - len);
@@ -1549,4 +1549,9 @@ async fn kill_9_a_runner_mid_copy_and_the_copy_is_exact() {
         assert!(log.gaps().is_empty(), "the observer's watch missed events: {:?}", log.gaps());
     })
     .await;
+}
+
+/// The writer lease tests write volumes under, outside any task.
+fn setup_lease() -> task_center::model::WriterLease {
+    task_center::model::WriterLease::new(task_center::model::TaskId::from_bytes([0; 16]), 1)
 }

@@ -35,10 +35,10 @@ use task_center::copy::{
     volume_digest, BackendError, BackendResult, CopyBackend, CopyEngine, FileBackend, MemoryBackend, ReadVolume,
     VolumeRef, WriteVolume,
 };
-use task_center::exec::{ExecError, Step, StopToken, TaskExecutor, TaskRun};
+use task_center::exec::{ExecError, Licence, Step, StopToken, TaskExecutor, TaskRun};
 use task_center::model::{
     CopyOptions, CopyVolumeSpec, RecordVersions, SnapshotId, Task, TaskControl, TaskId, TaskProgress, TaskSpec,
-    TaskStatus, Verify, VolumeId,
+    TaskStatus, Verify, VolumeId, WriterLease,
 };
 use tokio::sync::Notify;
 
@@ -90,6 +90,8 @@ struct Scenario {
     /// What the volumes answer to `preferred_io_bytes`: how many blocks the engine reads and
     /// writes in one call (0: one block).
     io_bytes: u64,
+    /// Blocks between checkpoints inside an extent.
+    checkpoint_blocks: u64,
 }
 
 fn bytes(seed: u32, len: u64) -> Vec<u8> {
@@ -137,16 +139,28 @@ fn verify() -> impl Strategy<Value = Option<Verify>> {
 fn scenario(max_blocks: u64) -> impl Strategy<Value = Scenario> {
     (1..=max_blocks, prop_oneof![3 => Just(0u64), 1 => 1..BLOCK]).prop_flat_map(|(blocks, tail)| {
         let size = (blocks * BLOCK).saturating_sub(tail).max(1);
-        (vec(edit(size), 0..12), vec(edit(size), 0..8), 1u32..=8, verify(), vec(interrupt(), 0..24), io_bytes())
-            .prop_map(move |(source, changes, blocks_in_flight, verify, interrupts, io_bytes)| Scenario {
-                size,
-                source,
-                changes,
-                blocks_in_flight,
-                verify,
-                interrupts,
-                io_bytes,
-            })
+        let checkpoint_blocks = prop_oneof![Just(EXTENT / BLOCK), 1..EXTENT / BLOCK];
+        (
+            vec(edit(size), 0..12),
+            vec(edit(size), 0..8),
+            1u32..=8,
+            verify(),
+            vec(interrupt(), 0..24),
+            io_bytes(),
+            checkpoint_blocks,
+        )
+            .prop_map(
+                move |(source, changes, blocks_in_flight, verify, interrupts, io_bytes, checkpoint_blocks)| Scenario {
+                    size,
+                    source,
+                    changes,
+                    blocks_in_flight,
+                    verify,
+                    interrupts,
+                    io_bytes,
+                    checkpoint_blocks,
+                },
+            )
     })
 }
 
@@ -253,8 +267,8 @@ impl CopyBackend for Wrapped {
         Ok(Box::new(WrappedRead { inner, control: self.control.clone(), io_bytes: self.io_bytes }))
     }
 
-    async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>> {
-        let inner = self.inner.open_target(volume).await?;
+    async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>> {
+        let inner = self.inner.open_target(volume, lease).await?;
         Ok(Box::new(WrappedWrite { inner, control: self.control.clone(), io_bytes: self.io_bytes }))
     }
 
@@ -340,6 +354,15 @@ impl WriteVolume for WrappedWrite {
         self.control.pass(false).await?;
         self.inner.flush().await
     }
+
+    async fn snapshot(&self, snapshot: &SnapshotId) -> BackendResult<()> {
+        self.control.pass(false).await?;
+        self.inner.snapshot(snapshot).await
+    }
+
+    fn lease(&self) -> &WriterLease {
+        self.inner.lease()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,7 +421,7 @@ impl Rig {
     }
 
     async fn apply(&self, volume: &VolumeRef, edits: &[Edit]) {
-        let v = self.backend.open_target(volume).await.unwrap();
+        let v = self.backend.open_target(volume, &WriterLease::new(TaskId::from_bytes([0; 16]), 1)).await.unwrap();
         for edit in edits {
             match *edit {
                 Edit::Data { offset, len, seed } => drop(v.write(offset, bytes(seed, len)).await.unwrap()),
@@ -410,7 +433,8 @@ impl Rig {
     }
 
     async fn read_target(&self) -> Vec<u8> {
-        let v = self.backend.open_target(&self.target).await.unwrap();
+        let v =
+            self.backend.open_target(&self.target, &WriterLease::new(TaskId::from_bytes([0; 16]), 1)).await.unwrap();
         v.read(0, vec![0; self.size as usize]).await.unwrap()
     }
 
@@ -435,6 +459,8 @@ impl Rig {
             bandwidth_limit_bytes_per_second: None,
             verify: scenario.verify,
             target_diff: mode == Mode::TargetDiff,
+            checkpoint_bytes: scenario.checkpoint_blocks * BLOCK,
+            ..CopyOptions::default()
         };
         let spec = CopyVolumeSpec {
             source_volume: self.source.volume.clone(),
@@ -479,7 +505,7 @@ async fn prepare(rig: &Rig, mode: Mode, scenario: &Scenario) {
 }
 
 async fn start(engine: &CopyEngine, task: &Task, committed: &mut TaskProgress) -> Box<dyn TaskRun> {
-    match engine.start(task, committed).await {
+    match engine.start(task, &Licence::unlimited(WriterLease::new(task.id, 1)), committed).await {
         Ok(run) => run,
         Err(e) => panic!("start: {e:?}"),
     }

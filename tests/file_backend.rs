@@ -39,7 +39,7 @@ async fn setup(size: u64) -> (tempfile::TempDir, FileBackend, VolumeRef, Box<dyn
     let backend = FileBackend::new(dir.path());
     let vol = volume("vol-a");
     backend.create_volume(&vol, size).await.unwrap();
-    let target = backend.open_target(&vol).await.unwrap();
+    let target = backend.open_target(&vol, &setup_lease()).await.unwrap();
     (dir, backend, vol, target)
 }
 
@@ -205,7 +205,7 @@ async fn missing_files_are_permanent_errors_naming_the_path() {
     let volume_path = backend.volume_path(&vol).display().to_string();
     let snapshot_path = backend.snapshot_path(&vol, &s).display().to_string();
 
-    let message = permanent(backend.open_target(&vol).await.err().unwrap());
+    let message = permanent(backend.open_target(&vol, &setup_lease()).await.err().unwrap());
     assert!(message.contains(&volume_path), "{message}");
     let message = permanent(backend.open_snapshot(&vol, &s).await.err().unwrap());
     assert!(message.contains(&snapshot_path), "{message}");
@@ -276,7 +276,7 @@ async fn flush_survives_reopening() {
     target.write(2 * MIB, pattern(4, 4096)).await.unwrap();
     target.flush().await.unwrap();
     drop(target);
-    let again = backend.open_target(&vol).await.unwrap();
+    let again = backend.open_target(&vol, &setup_lease()).await.unwrap();
     assert_eq!(again.read(2 * MIB, vec![0; 4096]).await.unwrap(), pattern(4, 4096));
 }
 
@@ -304,7 +304,7 @@ async fn volume_with(dir: &std::path::Path, size: u64, data: &[(u64, u8, u64)]) 
     let backend = FileBackend::new(dir);
     let vol = volume("vol-a");
     backend.create_volume(&vol, size).await.unwrap();
-    let target = backend.open_target(&vol).await.unwrap();
+    let target = backend.open_target(&vol, &setup_lease()).await.unwrap();
     for &(offset, seed, len) in data {
         target.write(offset, pattern(seed, len)).await.unwrap();
     }
@@ -325,7 +325,7 @@ async fn reflink_snapshots_report_exactly_what_was_written_between_them() {
 
     let written = [MIB + 8192..MIB + 12288, 5 * MIB..5 * MIB + 65536, 40 * MIB..40 * MIB + 4096];
     let punched = 17 * MIB..18 * MIB;
-    let target = backend.open_target(&vol).await.unwrap();
+    let target = backend.open_target(&vol, &setup_lease()).await.unwrap();
     for (seed, range) in (10..).zip(&written) {
         target.write(range.start, pattern(seed, range.end - range.start)).await.unwrap();
     }
@@ -349,7 +349,7 @@ async fn reflink_snapshots_report_exactly_what_was_written_between_them() {
     // the changes are exactly the first one's data.
     let other = volume("vol-b");
     backend.create_volume(&other, 64 * MIB).await.unwrap();
-    let target = backend.open_target(&other).await.unwrap();
+    let target = backend.open_target(&other, &setup_lease()).await.unwrap();
     target.write(3 * MIB, pattern(4, 2 * MIB)).await.unwrap();
     target.flush().await.unwrap();
     backend.take_snapshot(&other, &snap("full")).await.unwrap();
@@ -368,7 +368,7 @@ async fn snapshots_made_by_copying_report_no_changes() {
     let (backend, vol) = volume_with(dir.path(), 16 * MIB, &[(0, 1, 4 * MIB)]).await;
     let backend = backend.with_reflink(false);
     assert_eq!(backend.take_snapshot(&vol, &snap("s1")).await.unwrap(), SnapshotMethod::SparseCopy);
-    let target = backend.open_target(&vol).await.unwrap();
+    let target = backend.open_target(&vol, &setup_lease()).await.unwrap();
     target.write(MIB, pattern(9, 4096)).await.unwrap();
     target.flush().await.unwrap();
     assert_eq!(backend.take_snapshot(&vol, &snap("s2")).await.unwrap(), SnapshotMethod::SparseCopy);
@@ -385,4 +385,9 @@ async fn changed_ranges_of_a_missing_snapshot_is_a_permanent_error() {
     let err = backend.changed_ranges(&vol, &snap("s1"), &snap("nope"), 0..16 * MIB).await.unwrap_err();
     let message = permanent(err);
     assert!(message.contains("nope.img"), "{message}");
+}
+
+/// The writer lease tests write volumes under, outside any task.
+fn setup_lease() -> task_center::model::WriterLease {
+    task_center::model::WriterLease::new(task_center::model::TaskId::from_bytes([0; 16]), 1)
 }

@@ -159,7 +159,7 @@ async fn a_window_change_stops_a_running_copy_and_the_copy_ends_exact() {
     backend.create_volume(&source, SIZE).await.unwrap();
     backend.create_volume(&target, SIZE).await.unwrap();
     let data: Vec<u8> = (0..SIZE).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1).collect();
-    let volume = backend.open_target(&source).await.unwrap();
+    let volume = backend.open_target(&source, &setup_lease()).await.unwrap();
     volume.write(0, data.clone()).await.unwrap();
     volume.flush().await.unwrap();
 
@@ -360,4 +360,9 @@ async fn a_node_that_would_read_windows_differently_is_refused_at_start() {
     leader_of(&[&first, &second]).await;
     first.shutdown().await;
     second.shutdown().await;
+}
+
+/// The writer lease tests write volumes under, outside any task.
+fn setup_lease() -> task_center::model::WriterLease {
+    task_center::model::WriterLease::new(task_center::model::TaskId::from_bytes([0; 16]), 1)
 }

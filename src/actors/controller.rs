@@ -9,8 +9,34 @@
 //!
 //! The actor is the task's mailbox; the work runs in a task it spawns ([`Drive`]), which owns the
 //! claim, so no state is shared between the two but a `watch` channel of [`Directive`]s.
+//!
+//! # The data plane, deadlines and stops
+//!
+//! The executor's calls (`start`, every `step`, `finish`) run on the node's **data-plane
+//! runtime**, never on the thread of the ZooKeeper session and the actors, each as a task of its
+//! own, so that a slow, CPU-heavy, hung or panicking backend cannot starve the session or take
+//! the controller down:
+//!
+//! - **Deadline**: a call that has not returned after `step_timeout` is aborted and counts as a
+//!   temporary failure (a hung backend call).
+//! - **Stops preempt**: on pause, cancel, shutdown or the end of the run window the step's stop
+//!   token is cancelled (the copy stops at its next block and ends any wait for bandwidth); a
+//!   step still running `stop_timeout` later is aborted and the task stops from its last
+//!   committed progress. So a stop takes effect within `stop_timeout` plus one progress commit.
+//! - **Lease**: the run writes only while the runner's local lease on its session is valid (see
+//!   [`crate::lease`]); when it lapses the call is aborted **at once** (the engine also checks
+//!   the lease before each write), and the controller waits for the same session to answer
+//!   again and confirms that its claim still exists before it writes again.
+//! - **Panics** are caught: a temporary failure with the panic's message, retried with backoff
+//!   like any other, and after [`MAX_TEMPORARY_FAILURES`] the task fails with it as its reason.
+//! - **Fenced by the storage** (it admitted a newer writer lease): if the claim is gone, the task
+//!   is dropped (its new owner goes on); if the claim is still ours, another task holds the
+//!   volume and the task fails with the storage's reason.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -19,7 +45,7 @@ use tracing::{debug, info, warn};
 
 use super::runner::{ControllerFinished, Outcome, Runner};
 use crate::coord::EventKind;
-use crate::exec::{ExecError, Step, StopToken, TaskExecutor, TaskRun};
+use crate::exec::{ExecError, Licence, Step, StopToken, TaskExecutor, TaskRun};
 use crate::model::{Change, DesiredState, Task, TaskControl, TaskProgress, TaskState};
 use crate::schedule::{Schedule, WindowCheck};
 use crate::store::{layout, StoreError, TaskLock, TaskStore};
@@ -61,6 +87,17 @@ pub struct Checkpoint;
 #[rtype(result = "()")]
 pub struct Abandon;
 
+/// How the controller bounds the executor's calls (see the module docs).
+#[derive(Clone, Debug)]
+pub(crate) struct DriveSettings {
+    /// The runtime the executor's calls run on.
+    pub data: tokio::runtime::Handle,
+    /// A call that runs longer is aborted (a temporary failure).
+    pub step_timeout: Duration,
+    /// A call still running this long after a stop was asked is aborted.
+    pub stop_timeout: Duration,
+}
+
 /// One task's controller. See the module docs.
 pub struct TaskController {
     task: Task,
@@ -72,12 +109,15 @@ pub struct TaskController {
 
 impl TaskController {
     /// A controller for `task`, claimed under `lock`; it starts driving when the actor starts.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         task: Task,
         lock: TaskLock,
+        licence: Licence,
         store: TaskStore,
         executor: Arc<dyn TaskExecutor>,
         schedule: Schedule,
+        settings: DriveSettings,
         runner: Addr<Runner>,
     ) -> Self {
         let (directive, directives) = watch::channel(Directive { control: task.control.clone(), shutdown: false });
@@ -92,6 +132,9 @@ impl TaskController {
             directives,
             abandon: abandon.clone(),
             runner,
+            licence,
+            settings,
+            failures: 0,
         };
         TaskController { task, store, directive, abandon, drive: Some(drive) }
     }
@@ -192,6 +235,10 @@ struct Drive {
     directives: watch::Receiver<Directive>,
     abandon: StopToken,
     runner: Addr<Runner>,
+    licence: Licence,
+    settings: DriveSettings,
+    /// Temporary failures in a row.
+    failures: u32,
 }
 
 /// How a drive ended, before it is reported.
@@ -200,6 +247,40 @@ enum End {
     Moved(TaskState),
     /// Stopped without a state change: the claim is gone, or the controller was abandoned.
     Dropped(String),
+}
+
+/// How a call on the data plane ended.
+enum Call<T> {
+    /// It returned.
+    Returned(T),
+    /// It panicked, with this message.
+    Panicked(String),
+    /// It ran past the step timeout and was aborted.
+    TimedOut,
+    /// A stop was asked (or the window closed) and it did not return within the stop timeout.
+    Stopped,
+    /// The local lease lapsed; it was aborted at once.
+    Lapsed,
+}
+
+/// What a step hands back: the run, the progress, and the step's result.
+type Stepped = (Box<dyn TaskRun>, TaskProgress, Result<Step, ExecError>);
+
+/// A task on the data plane, aborted when dropped (so that abandoning a drive aborts its call).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 impl Drive {
@@ -225,15 +306,12 @@ impl Drive {
 
     async fn drive(&mut self) -> End {
         let mut progress = self.task.progress.clone();
-        let mut run = match self.open(&mut progress).await {
-            Ok(run) => run,
-            Err(end) => return end,
-        };
-        let mut failures = 0;
+        let mut run: Option<Box<dyn TaskRun>> = None;
         loop {
             let directive = self.directives.borrow_and_update().clone();
             if directive.should_stop() {
-                return self.stop(&progress, &directive).await;
+                let committed = self.task.progress.clone();
+                return self.stop(&committed, &directive).await;
             }
             let until_ms = match self.schedule.check(&directive.control) {
                 WindowCheck::Closed { opens_at_ms, note } => {
@@ -257,60 +335,173 @@ impl Drive {
                     return end;
                 }
             }
-            match self.step(run.as_mut(), &mut progress, until_ms).await {
-                Ok(Step::More) => {
-                    failures = 0;
+            if !self.licence.local().is_valid(self.licence.generation()) {
+                run = None;
+                if let Err(end) = self.regain().await {
+                    return end;
+                }
+                continue;
+            }
+            let current = match run.take() {
+                Some(current) => current,
+                None => match self.open(&mut progress, until_ms).await {
+                    Ok(Some(current)) => current,
+                    Ok(None) => continue,
+                    Err(end) => return end,
+                },
+            };
+            let step = self.step(current, progress.clone(), until_ms).await;
+            let failure = match step {
+                Call::Returned((current, stepped, Ok(Step::More))) => {
+                    self.failures = 0;
+                    run = Some(current);
+                    progress = stepped;
                     if let Err(end) = self.commit(&progress).await {
                         return end;
                     }
+                    continue;
                 }
-                Ok(Step::Done) => {
-                    return match run.finish(&mut progress).await {
-                        Ok(()) => self.finish(&progress, TaskState::Succeeded, Change::Plain).await,
-                        Err(e) => self.fail(&progress, e).await,
-                    };
+                Call::Returned((current, stepped, Ok(Step::Done))) => match self.complete(current, stepped).await {
+                    Ok(end) => return end,
+                    Err(failure) => failure,
+                },
+                Call::Returned((current, _, Err(ExecError::Temporary(reason)))) => {
+                    run = Some(current);
+                    reason
                 }
-                Err(ExecError::Temporary(reason)) if failures < MAX_TEMPORARY_FAILURES => {
-                    failures += 1;
-                    warn!(task = %self.task.id, %reason, failures, "temporary failure; retrying from the last checkpoint");
+                Call::Returned((_, stepped, Err(e))) => return self.end_with(&stepped, e).await,
+                Call::Panicked(message) => format!("the step panicked: {message}"),
+                Call::TimedOut => format!("the step did not finish within {:?}", self.settings.step_timeout),
+                Call::Stopped | Call::Lapsed => {
+                    // The top of the loop stops, waits for the window or regains the lease.
                     progress = self.task.progress.clone();
-                    tokio::time::sleep(backoff(failures)).await;
+                    continue;
                 }
-                Err(e) => return self.fail(&progress, e).await,
+            };
+            progress = self.task.progress.clone();
+            if let Err(end) = self.temporary(failure).await {
+                return end;
             }
         }
     }
 
-    /// Starts the run, retrying temporary failures; commits what `start` recorded.
-    async fn open(&mut self, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, End> {
-        let mut failures = 0;
-        loop {
-            match self.executor.start(&self.task, progress).await {
-                Ok(run) => {
-                    self.commit(progress).await?;
-                    return Ok(run);
-                }
-                Err(ExecError::Temporary(reason)) if failures < MAX_TEMPORARY_FAILURES => {
-                    failures += 1;
-                    warn!(task = %self.task.id, %reason, failures, "cannot start the task yet; retrying");
-                    tokio::time::sleep(backoff(failures)).await;
-                }
-                Err(e) => return Err(self.fail(progress, e).await),
-            }
+    /// Counts a temporary failure and waits before the next try (a stop cuts the wait short);
+    /// fails the task once there were too many in a row.
+    async fn temporary(&mut self, reason: String) -> Result<(), End> {
+        if self.failures >= MAX_TEMPORARY_FAILURES {
+            let progress = self.task.progress.clone();
+            return Err(self.fail(&progress, ExecError::Temporary(reason)).await);
+        }
+        self.failures += 1;
+        let failures = self.failures;
+        warn!(task = %self.task.id, %reason, failures, "temporary failure; retrying from the last checkpoint");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(failures)) => Ok(()),
+            changed = self.directives.changed() => match changed {
+                Ok(()) => Ok(()),
+                Err(_) => Err(End::Dropped("controller gone".into())),
+            },
         }
     }
 
-    /// Runs one step; cancels its stop token as soon as the directive says stop, or the run
-    /// window closes (at `until_ms`, or because a change moved it).
-    async fn step(
+    /// Ends the drive after the executor said fenced or permanent.
+    async fn end_with(&mut self, progress: &TaskProgress, e: ExecError) -> End {
+        match e {
+            ExecError::Fenced(reason) => self.fenced(reason).await,
+            e => self.fail(progress, e).await,
+        }
+    }
+
+    /// Starts the run on the data plane, retrying temporary failures; commits what `start`
+    /// recorded. `Ok(None)`: stopped or lapsed meanwhile (the caller's loop takes over).
+    async fn open(
         &mut self,
-        run: &mut dyn TaskRun,
         progress: &mut TaskProgress,
         until_ms: Option<i64>,
-    ) -> Result<Step, ExecError> {
+    ) -> Result<Option<Box<dyn TaskRun>>, End> {
+        loop {
+            let (executor, task, licence, mut started) =
+                (self.executor.clone(), self.task.clone(), self.licence.clone(), progress.clone());
+            let call = self
+                .call(until_ms, move |_stop| async move {
+                    let run = executor.start(&task, &licence, &mut started).await;
+                    (started, run)
+                })
+                .await;
+            let failure = match call {
+                Call::Returned((started, Ok(run))) => {
+                    *progress = started;
+                    self.commit(progress).await?;
+                    return Ok(Some(run));
+                }
+                Call::Returned((_, Err(ExecError::Temporary(reason)))) => {
+                    format!("cannot start the task yet: {reason}")
+                }
+                Call::Returned((started, Err(e))) => return Err(self.end_with(&started, e).await),
+                Call::Panicked(message) => format!("starting the task panicked: {message}"),
+                Call::TimedOut => format!("starting the task did not finish within {:?}", self.settings.step_timeout),
+                Call::Stopped | Call::Lapsed => return Ok(None),
+            };
+            self.temporary(failure).await?;
+            let directive = self.directives.borrow().clone();
+            if directive.should_stop() || !self.licence.local().is_valid(self.licence.generation()) {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Runs one step on the data plane.
+    async fn step(
+        &mut self,
+        mut run: Box<dyn TaskRun>,
+        mut progress: TaskProgress,
+        until_ms: Option<i64>,
+    ) -> Call<Stepped> {
+        self.call(until_ms, move |stop| async move {
+            let result = run.step(&mut progress, &stop).await;
+            (run, progress, result)
+        })
+        .await
+    }
+
+    /// Completes the task after its last step: `finish` on the data plane, then the final commit.
+    /// `Err` with the reason of a temporary failure (the caller retries).
+    async fn complete(&mut self, mut run: Box<dyn TaskRun>, mut progress: TaskProgress) -> Result<End, String> {
+        let call = self
+            .call(None, move |_stop| async move {
+                let result = run.finish(&mut progress).await;
+                (progress, result)
+            })
+            .await;
+        match call {
+            Call::Returned((progress, Ok(()))) => Ok(self.finish(&progress, TaskState::Succeeded, Change::Plain).await),
+            Call::Returned((_, Err(ExecError::Temporary(reason)))) => Err(format!("cannot finish the task: {reason}")),
+            Call::Returned((progress, Err(e))) => Ok(self.end_with(&progress, e).await),
+            Call::Panicked(message) => Err(format!("finishing the task panicked: {message}")),
+            Call::TimedOut => Err(format!("finishing the task did not finish within {:?}", self.settings.step_timeout)),
+            Call::Stopped | Call::Lapsed => Err("finishing the task was interrupted".into()),
+        }
+    }
+
+    /// Runs `work` on the data plane, bounded as the module docs say: aborted at once when the
+    /// local lease lapses, after the step timeout, and `stop_timeout` after a stop was asked (or
+    /// the window closed at `until_ms`), which first cancels the token `work` gets.
+    async fn call<T, F, Fut>(&mut self, until_ms: Option<i64>, work: F) -> Call<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(StopToken) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
         let token = StopToken::new();
-        let step = run.step(progress, &token);
-        tokio::pin!(step);
+        let mut handle = AbortOnDrop(self.settings.data.spawn(work(token.clone())));
+        let generation = self.licence.generation();
+        let local = self.licence.local().clone();
+        let lapsed = local.lapsed(generation);
+        tokio::pin!(lapsed);
+        let deadline = tokio::time::sleep(self.settings.step_timeout);
+        tokio::pin!(deadline);
+        let grace = tokio::time::sleep(self.settings.step_timeout);
+        tokio::pin!(grace);
         let clock = self.schedule.clock().clone();
         let closes = async move {
             match until_ms {
@@ -320,10 +511,28 @@ impl Drive {
         };
         tokio::pin!(closes);
         loop {
+            let stopping = token.is_cancelled();
             tokio::select! {
-                result = &mut step => return result,
-                _ = &mut closes, if !token.is_cancelled() => token.cancel(),
-                changed = self.directives.changed(), if !token.is_cancelled() => {
+                biased;
+                _ = &mut lapsed => {
+                    warn!(task = %self.task.id, lease = %self.licence.lease(), "local lease lapsed: writes stopped at once");
+                    return Call::Lapsed;
+                }
+                joined = &mut handle => return match joined {
+                    Ok(value) => Call::Returned(value),
+                    Err(e) if e.is_panic() => Call::Panicked(panic_message(e.into_panic())),
+                    Err(_) => Call::Stopped,
+                },
+                _ = &mut deadline => return Call::TimedOut,
+                _ = &mut grace, if stopping => {
+                    warn!(task = %self.task.id, "the executor did not stop within {:?}; abandoned its call", self.settings.stop_timeout);
+                    return Call::Stopped;
+                }
+                _ = &mut closes, if !stopping => {
+                    token.cancel();
+                    grace.as_mut().reset(tokio::time::Instant::now() + self.settings.stop_timeout);
+                }
+                changed = self.directives.changed(), if !stopping => {
                     let stop = match changed {
                         Err(_) => true,
                         Ok(()) => {
@@ -333,9 +542,59 @@ impl Drive {
                     };
                     if stop {
                         token.cancel();
+                        grace.as_mut().reset(tokio::time::Instant::now() + self.settings.stop_timeout);
                     }
                 }
             }
+        }
+    }
+
+    /// After the local lease lapsed: waits for the same session to answer again, then confirms
+    /// that the claim is still this session's. A stop asked meanwhile returns `Ok` (the caller's
+    /// loop stops the task).
+    async fn regain(&mut self) -> Result<(), End> {
+        let generation = self.licence.generation();
+        let local = self.licence.local().clone();
+        tokio::select! {
+            renewed = local.renewed(generation) => if !renewed {
+                return Err(End::Dropped("the session ended while the local lease had lapsed; the claim is gone".into()));
+            },
+            changed = self.directives.changed() => return match changed {
+                Ok(()) => Ok(()),
+                Err(_) => Err(End::Dropped("controller gone".into())),
+            },
+        }
+        let coord = self.store.coordination().clone();
+        let mut attempt = 0;
+        loop {
+            match coord.exists(self.lock.fence().path()).await {
+                Ok(Some(stat)) if stat.ephemeral_owner == coord.session_id() => {
+                    info!(task = %self.task.id, "local lease renewed and claim confirmed; resuming from the last checkpoint");
+                    return Ok(());
+                }
+                Ok(_) => return Err(End::Dropped("the claim is gone (found after the local lease lapsed)".into())),
+                Err(e) if e.is_transient() && attempt < MAX_COMMIT_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(End::Dropped(format!("cannot confirm the claim: {e}"))),
+            }
+        }
+    }
+
+    /// The storage refused a write under this claim's lease: drop the task if the claim is gone
+    /// (a newer owner runs it), fail it if the claim is still ours (another task holds the
+    /// volume).
+    async fn fenced(&mut self, reason: String) -> End {
+        warn!(task = %self.task.id, lease = %self.licence.lease(), %reason, "the storage refused a write");
+        let coord = self.store.coordination().clone();
+        match coord.exists(self.lock.fence().path()).await {
+            Ok(Some(stat)) if stat.ephemeral_owner == coord.session_id() => {
+                let progress = self.task.progress.clone();
+                self.fail(&progress, ExecError::Permanent(format!("the target refused this task's writes: {reason}")))
+                    .await
+            }
+            _ => End::Dropped(format!("fenced: {reason}")),
         }
     }
 
@@ -389,8 +648,9 @@ impl Drive {
     async fn fail(&mut self, progress: &TaskProgress, e: ExecError) -> End {
         let reason = match e {
             ExecError::Temporary(r) => format!("gave up after {MAX_TEMPORARY_FAILURES} temporary failures: {r}"),
-            ExecError::Permanent(r) => r,
+            ExecError::Permanent(r) | ExecError::Fenced(r) => r,
         };
+        warn!(task = %self.task.id, %reason, "task failed");
         self.finish(progress, TaskState::Failed, Change::Failed(reason)).await
     }
 
@@ -428,4 +688,12 @@ impl Drive {
 
 fn backoff(attempt: u32) -> Duration {
     (BACKOFF_MIN * 2u32.saturating_pow(attempt.min(16))).min(BACKOFF_MAX)
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(message) => *message,
+        Err(panic) => panic.downcast_ref::<&str>().map_or("a panic with no message".to_string(), |m| m.to_string()),
+    }
 }

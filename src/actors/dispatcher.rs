@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::election::Leadership;
 use super::requests::{forward, Leader};
+use super::targets;
 use crate::api::{ApiError, ClientReply, ClientRequest, PeerReply, PeerRequest};
 use crate::cache::TaskMirror;
 use crate::coord::{CoordError, EventKind};
@@ -81,6 +82,8 @@ struct PassData {
     term: u64,
     pending: Vec<Task>,
     running: Vec<Task>,
+    /// Paused tasks hold their targets too (see [`super::targets`]).
+    paused: Vec<Task>,
 }
 
 #[derive(Message)]
@@ -190,17 +193,19 @@ impl Dispatcher {
         actix::spawn(async move {
             let pending = mirror.list_by_state(TaskState::Pending, i64::MIN, MAX_PASS_TASKS).await;
             let running = mirror.list_by_state(TaskState::Running, i64::MIN, MAX_PASS_TASKS).await;
-            match (pending, running) {
-                (Ok(pending), Ok(running)) => addr.do_send(PassData { term, pending, running }),
-                (Err(e), _) | (_, Err(e)) => {
+            let paused = mirror.list_by_state(TaskState::Paused, i64::MIN, MAX_PASS_TASKS).await;
+            match (pending, running, paused) {
+                (Ok(pending), Ok(running), Ok(paused)) => addr.do_send(PassData { term, pending, running, paused }),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     warn!(error = %e, "cannot read the task mirror for scheduling");
-                    addr.do_send(PassData { term, pending: Vec::new(), running: Vec::new() });
+                    let none = Vec::new;
+                    addr.do_send(PassData { term, pending: none(), running: none(), paused: none() });
                 }
             }
         });
     }
 
-    fn schedule(&mut self, pending: Vec<Task>, running: Vec<Task>, ctx: &mut Context<Self>) {
+    fn schedule(&mut self, pending: Vec<Task>, running: Vec<Task>, paused: Vec<Task>, ctx: &mut Context<Self>) {
         let Some(lead) = self.lead.as_ref().filter(|l| l.ready) else { return };
         let fence = lead.fence.clone();
         let now = Instant::now();
@@ -222,6 +227,8 @@ impl Dispatcher {
         }
 
         self.noted.retain(|id, _| pending_ids.contains(id));
+        let unfinished: Vec<&Task> = pending.iter().chain(&running).chain(&paused).collect();
+        let queued = targets::blocked(&unfinished);
         let mut sends = Vec::new();
         let mut earliest_opening: Option<i64> = None;
         for task in &pending {
@@ -230,6 +237,10 @@ impl Dispatcher {
                 || self.assigned.contains_key(&task.id)
                 || self.backoff.get(&task.id).is_some_and(|(at, _)| *at > now)
             {
+                continue;
+            }
+            if let Some(holder) = queued.get(&task.id) {
+                self.note_waiting(task, targets::waiting_note(task, holder), &fence);
                 continue;
             }
             if let WindowCheck::Closed { opens_at_ms, note } = self.config.schedule.check(&task.control) {
@@ -495,10 +506,10 @@ impl Handler<Kick> for Dispatcher {
 impl Handler<PassData> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, PassData { term, pending, running }: PassData, ctx: &mut Context<Self>) {
+    fn handle(&mut self, PassData { term, pending, running, paused }: PassData, ctx: &mut Context<Self>) {
         self.pass_scheduled = false;
         if self.lead.as_ref().is_some_and(|l| l.term == term && l.ready) {
-            self.schedule(pending, running, ctx);
+            self.schedule(pending, running, paused, ctx);
         }
     }
 }

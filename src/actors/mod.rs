@@ -21,6 +21,7 @@ pub mod dispatcher;
 pub mod election;
 mod requests;
 pub mod runner;
+pub mod targets;
 pub mod vip;
 
 pub use controller::TaskController;

@@ -15,11 +15,12 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::controller::{Abandon, Checkpoint, Refresh, TaskController};
+use super::controller::{Abandon, Checkpoint, DriveSettings, Refresh, TaskController};
 use crate::api::ApiError;
 use crate::clock::Clock;
 use crate::coord::{CoordError, CreateMode, SessionState, SessionStatus};
-use crate::exec::TaskExecutor;
+use crate::exec::{Licence, TaskExecutor};
+use crate::lease::LocalLease;
 use crate::model::{Change, DesiredState, ModelError, NodeId, RunnerInfo, TaskId, TaskState};
 use crate::schedule::Schedule;
 use crate::store::{encode, layout, StoreError, TaskStore};
@@ -94,6 +95,10 @@ pub(crate) struct RunnerConfig {
     pub clock: Arc<dyn Clock>,
     pub schedule: Schedule,
     pub mailbox_capacity: usize,
+    /// The node's local lease on its session.
+    pub lease: LocalLease,
+    /// How controllers bound the executor's calls.
+    pub drive: DriveSettings,
 }
 
 /// The runner actor. See the module docs.
@@ -254,6 +259,8 @@ impl Handler<Assign> for Runner {
         }
         self.claiming.insert(id);
         let (store, node) = (self.config.store.clone(), self.config.node.clone());
+        // The session the claim is made on (read before it: a licence never names a later one).
+        let generation = store.coordination().status().generation;
         let claim = async move {
             let lock = store.claim(&id, &node).await?;
             let moved = store
@@ -289,13 +296,16 @@ impl Handler<Assign> for Runner {
                     Err(ApiError::ShuttingDown)
                 }
                 Ok((lock, task)) => {
-                    info!(task = %id, node = %act.config.node, "task claimed");
+                    info!(task = %id, node = %act.config.node, epoch = lock.epoch(), "task claimed");
+                    let licence = Licence::new(lock.lease(), act.config.lease.clone(), generation);
                     let controller = TaskController::new(
                         task,
                         lock,
+                        licence,
                         act.config.store.clone(),
                         act.config.executor.clone(),
                         act.config.schedule.clone(),
+                        act.config.drive.clone(),
                         ctx.address(),
                     );
                     act.controllers.insert(id, controller.start());

@@ -64,6 +64,9 @@ pub struct TaskCenterBuilder {
     pub(super) request_timeout_ms: u64,
     pub(super) call_timeout_ms: u64,
     pub(super) shutdown_timeout_ms: u64,
+    pub(super) data_threads: usize,
+    pub(super) step_timeout_ms: u64,
+    pub(super) stop_timeout_ms: u64,
 }
 
 /// Default number of tasks one runner runs at once.
@@ -79,6 +82,15 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 5_000;
 /// Default time a graceful shutdown waits for tasks to checkpoint before it drops them.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+/// Default number of threads of the data-plane runtime, on which copies run (apart from the
+/// thread of the ZooKeeper session and the actors).
+pub const DEFAULT_DATA_THREADS: usize = 2;
+/// Default deadline of one executor call (start, step, finish): past it the call is abandoned
+/// as a temporary failure (a hung backend). Steps end at every checkpoint (10 s by default).
+pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 900_000;
+/// Default time an executor call may take to stop after a pause, cancel, shutdown or window end
+/// before it is abandoned; a stop takes effect within it plus one progress commit.
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 2_000;
 
 impl Default for TaskCenterBuilder {
     fn default() -> Self {
@@ -99,6 +111,9 @@ impl Default for TaskCenterBuilder {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             call_timeout_ms: DEFAULT_CALL_TIMEOUT_MS,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            data_threads: DEFAULT_DATA_THREADS,
+            step_timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
+            stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
         }
     }
 }
@@ -235,6 +250,26 @@ impl TaskCenterBuilder {
         self
     }
 
+    /// Threads of the data-plane runtime on which copies run, 1 to 64. Default 2.
+    pub fn data_threads(mut self, threads: usize) -> Self {
+        self.data_threads = threads;
+        self
+    }
+
+    /// Deadline of one executor call (start, step or finish), 1 000 ms to 24 h; a call past it
+    /// is abandoned and counts as a temporary failure. Default 900 000 ms.
+    pub fn step_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.step_timeout_ms = timeout_ms;
+        self
+    }
+
+    /// How long an executor call may take to stop after a pause, cancel, shutdown or the end of
+    /// its run window before it is abandoned, 10 ms to 600 000 ms. Default 2 000 ms.
+    pub fn stop_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.stop_timeout_ms = timeout_ms;
+        self
+    }
+
     /// Validates every setting and returns the node, ready to [`start`](TaskCenter::start).
     pub fn build(self) -> Result<TaskCenter, ConfigError> {
         let node_id = self.node_id.clone().ok_or(ConfigError::Missing { field: "node_id" })?;
@@ -252,6 +287,9 @@ impl TaskCenterBuilder {
         range("request_timeout_ms", self.request_timeout_ms, 100, 3_600_000)?;
         range("call_timeout_ms", self.call_timeout_ms, 10, self.request_timeout_ms)?;
         range("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 3_600_000)?;
+        range("data_threads", self.data_threads as u64, 1, 64)?;
+        range("step_timeout_ms", self.step_timeout_ms, 1_000, 86_400_000)?;
+        range("stop_timeout_ms", self.stop_timeout_ms, 10, 600_000)?;
         range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
         range("vips arp_rounds", u64::from(self.vips.arp_rounds), 0, 1_000)?;
         range("vips arp_interval", self.vips.arp_interval.as_millis() as u64, 10, 3_600_000)?;
@@ -293,6 +331,9 @@ impl TaskCenterBuilder {
             request_timeout_ms: self.request_timeout_ms,
             call_timeout_ms: self.call_timeout_ms,
             shutdown_timeout_ms: self.shutdown_timeout_ms,
+            data_threads: self.data_threads,
+            step_timeout_ms: self.step_timeout_ms,
+            stop_timeout_ms: self.stop_timeout_ms,
         })
     }
 }
@@ -320,6 +361,9 @@ mod tests {
         assert_eq!(field_of(TaskCenter::builder().node_id("a/b").build()), "node_id");
         assert_eq!(field_of(node().tasks_per_runner(0).build()), "tasks_per_runner");
         assert_eq!(field_of(node().mailbox_capacity(1).build()), "mailbox_capacity");
+        assert_eq!(field_of(node().data_threads(0).build()), "data_threads");
+        assert_eq!(field_of(node().step_timeout_ms(10).build()), "step_timeout_ms");
+        assert_eq!(field_of(node().stop_timeout_ms(0).build()), "stop_timeout_ms");
         assert_eq!(field_of(node().sweep_interval_ms(1).build()), "sweep_interval_ms");
         assert_eq!(field_of(node().request_timeout_ms(1_000).call_timeout_ms(5_000).build()), "call_timeout_ms");
         assert_eq!(field_of(node().time_zone("Nowhere/Land").build()), "time_zone");

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
+use crate::actors::controller::DriveSettings;
 use crate::actors::dispatcher::{Client, DispatcherConfig};
 use crate::actors::election::{campaign, LeaderInfo, Resign};
 use crate::actors::runner::{Assign, ControlChanged, Holding, RunnerConfig, StopRunner};
@@ -35,8 +36,9 @@ use crate::transport::{Listener, RequestHandler, Transport, TransportError};
 mod builder;
 
 pub use builder::{
-    ConfigError, CoordinationConfig, TaskCenterBuilder, DEFAULT_CALL_TIMEOUT_MS, DEFAULT_MAILBOX_CAPACITY,
-    DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, DEFAULT_SWEEP_INTERVAL_MS, DEFAULT_TASKS_PER_RUNNER,
+    ConfigError, CoordinationConfig, TaskCenterBuilder, DEFAULT_CALL_TIMEOUT_MS, DEFAULT_DATA_THREADS,
+    DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, DEFAULT_STEP_TIMEOUT_MS,
+    DEFAULT_STOP_TIMEOUT_MS, DEFAULT_SWEEP_INTERVAL_MS, DEFAULT_TASKS_PER_RUNNER,
 };
 
 /// Why a node could not start. Nothing is left running.
@@ -92,6 +94,9 @@ pub struct TaskCenter {
     request_timeout_ms: u64,
     call_timeout_ms: u64,
     shutdown_timeout_ms: u64,
+    data_threads: usize,
+    step_timeout_ms: u64,
+    stop_timeout_ms: u64,
 }
 
 /// Where a node stands.
@@ -139,8 +144,22 @@ impl TaskCenter {
         let thread = std::thread::Builder::new()
             .name(format!("task-center-{node}"))
             .spawn(move || {
+                // Copies run here, never on this thread (the session's and the actors').
+                let data = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(self.data_threads)
+                    .thread_name(format!("task-center-data-{}", self.node))
+                    .enable_all()
+                    .build();
+                let data = match data {
+                    Ok(data) => data,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(StartError::Thread(format!("data-plane runtime: {e}"))));
+                        let _ = exited_tx.send(());
+                        return;
+                    }
+                };
                 let system = actix_rt::System::new();
-                match system.block_on(boot(self)) {
+                match system.block_on(boot(self, data.handle().clone())) {
                     Ok((parts, run)) => {
                         let _ = started_tx.send(Ok(parts));
                         system.block_on(run);
@@ -150,6 +169,9 @@ impl TaskCenter {
                     }
                 }
                 drop(system);
+                // Calls still running were abandoned by their controllers; a backend call stuck
+                // in the kernel is left behind rather than block the host's shutdown.
+                data.shutdown_timeout(Duration::from_secs(1));
                 let _ = exited_tx.send(());
             })
             .map_err(|e| StartError::Thread(e.to_string()))?;
@@ -216,7 +238,10 @@ impl RequestHandler for NodeHandler {
 
 /// Starts everything on the node's thread; returns the parts for the handle and the future that
 /// runs until shutdown.
-async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Output = ()>), StartError> {
+async fn boot(
+    config: TaskCenter,
+    data: tokio::runtime::Handle,
+) -> Result<(Parts, impl std::future::Future<Output = ()>), StartError> {
     // Before ZooKeeper answers (it may not): this node does not lead, so it holds no VIP.
     crate::actors::vip::drop_cached_vips(config.data_dir.join("cache"), &config.vips).await;
     let coord: Arc<dyn Coordination> = match config.coordination {
@@ -263,6 +288,12 @@ async fn boot(config: TaskCenter) -> Result<(Parts, impl std::future::Future<Out
         clock: config.clock.clone(),
         schedule: config.schedule.clone(),
         mailbox_capacity: config.mailbox_capacity,
+        lease: crate::lease::start(coord.clone()),
+        drive: DriveSettings {
+            data,
+            step_timeout: Duration::from_millis(config.step_timeout_ms),
+            stop_timeout: Duration::from_millis(config.stop_timeout_ms),
+        },
     })
     .start();
     let dispatcher = Dispatcher::new(DispatcherConfig {

@@ -38,7 +38,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::stream::Stream;
@@ -53,6 +53,12 @@ use super::{
 /// Events a tree watch buffers for a slow reader. Past it, events are dropped and the reader
 /// gets one [`EventKind::Resync`] instead: a writer never waits for a reader.
 const TREE_WATCH_CAPACITY: usize = 1024;
+
+/// What [`Coordination::session_timeout`] says for an embedded session. Embedded sessions end
+/// only when closed, dropped or [expired](EmbeddedCoordination::expire) by hand; runners still
+/// keep their local lease by it, so a [suspended](EmbeddedCoordination::suspend) handle stops
+/// writing after half of it, as it would on ZooKeeper.
+pub const EMBEDDED_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The in-process coordination service: one tree, shared by every session opened on it.
 ///
@@ -195,6 +201,10 @@ impl Coordination for EmbeddedCoordination {
 
     fn subscribe(&self) -> watch::Receiver<SessionStatus> {
         self.handle.status.subscribe()
+    }
+
+    fn session_timeout(&self) -> Duration {
+        EMBEDDED_SESSION_TIMEOUT
     }
 
     /// The current session's id; 0 once the handle is closed (as `ZkCoordination`).

@@ -29,6 +29,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -39,7 +40,7 @@ mod embedded;
 mod error;
 mod zk;
 
-pub use embedded::{EmbeddedCoordination, EmbeddedServer};
+pub use embedded::{EmbeddedCoordination, EmbeddedServer, EMBEDDED_SESSION_TIMEOUT};
 pub use error::CoordError;
 pub use zk::{ZkConfig, ZkCoordination};
 
@@ -263,6 +264,11 @@ pub trait Coordination: Send + Sync + 'static {
 
     /// The current session's id (changes with the generation).
     fn session_id(&self) -> i64;
+
+    /// The session timeout the service granted: after this long without hearing from the
+    /// session, the service may expire it. Runners derive their local lease from it (see
+    /// [`crate::lease`]).
+    fn session_timeout(&self) -> Duration;
 
     /// Creates a node; returns its path (with the sequence number for sequential modes).
     /// `NodeExists`, `NoNode` (parent missing), `NoChildrenForEphemerals`.

@@ -332,6 +332,11 @@ impl super::Coordination for ZkCoordination {
         self.client().map(|c| c.session_id().0).unwrap_or(0)
     }
 
+    /// The negotiated timeout of the current session (the configured one once closed).
+    fn session_timeout(&self) -> Duration {
+        self.client().map_or(Duration::from_millis(self.inner.config.session_timeout_ms), |c| c.session_timeout())
+    }
+
     async fn create(&self, path: &str, data: &[u8], mode: CreateMode) -> Result<String> {
         check_size(path, data)?;
         let (path_owned, data) = (path.to_string(), data.to_vec());

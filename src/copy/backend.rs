@@ -17,8 +17,33 @@
 //!   `spawn_blocking`.
 //! - Snapshots are immutable once created. Creating a snapshot that exists already succeeds and
 //!   changes nothing (a resumed task asks again).
-//! - `write`, `write_zeroes` and `punch_hole` need not be durable until `flush` returns; the
-//!   engine flushes before it commits progress past the data.
+//! - `write` and `zero` need not be durable until `flush` returns; the engine flushes before it
+//!   commits progress past the data.
+//!
+//! # Fencing: one writer per target volume
+//!
+//! A target is written only under a [`WriterLease`]: the task and the epoch of the claim it runs
+//! under, which grows with every claim of any task (see [`WriterLease`]). The backend is the
+//! last line of the rule "a runner that lost its claim never writes again":
+//!
+//! - [`CopyBackend::open_target`] **admits** the lease for that volume: it records it as the
+//!   volume's newest, unless the volume has seen a newer one, in which case it fails with
+//!   [`BackendError::Fenced`]. Opening again under the newest lease (the same claim) is allowed.
+//! - Every [`WriteVolume::write`], [`WriteVolume::zero`], [`WriteVolume::flush`] and
+//!   [`WriteVolume::snapshot`] made through a handle whose lease is older than the volume's
+//!   newest fails with [`BackendError::Fenced`] and changes nothing. The check and the write are
+//!   atomic with respect to admitting a newer lease: **a stale writer's write never lands after
+//!   a newer owner's first write.**
+//! - A backend may, instead of admitting a newer lease while an older handle can still write
+//!   (a process that holds it is alive), refuse the newer one with [`BackendError::Temporary`]
+//!   ("busy") until the older handle is gone; that gives the same guarantee with at most one
+//!   writer open at any instant. [`FileBackend`](super::FileBackend) does that.
+//! - `Fenced` is final for the handle and its lease: the engine stops the task's run at once
+//!   and never retries the write (another runner owns the task now).
+//!
+//! The target's snapshot at the end of a copy is taken through the handle
+//! ([`WriteVolume::snapshot`]), fenced like a write; [`CopyBackend::create_snapshot`] is for
+//! sources (and for setting volumes up), which the task center never writes.
 //!
 //! The crate ships [`FileBackend`](super::FileBackend) (sparse image files) and
 //! [`MemoryBackend`](super::MemoryBackend) (in memory, for tests). This module names no
@@ -28,7 +53,7 @@ use std::ops::Range;
 
 use async_trait::async_trait;
 
-use crate::model::{SnapshotId, VolumeId};
+use crate::model::{SnapshotId, VolumeId, WriterLease};
 
 /// Why a backend call failed, and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +64,10 @@ pub enum BackendError {
     /// Retrying cannot help; the task fails with this reason.
     #[error("{0}")]
     Permanent(String),
+    /// The write's lease is older than the newest lease the volume has admitted: another runner
+    /// owns the volume now. Final for this lease; the run stops without retrying.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Result of a backend call.
@@ -56,9 +85,9 @@ pub struct VolumeRef {
 /// Opens volumes and snapshots, and takes snapshots.
 #[async_trait]
 pub trait CopyBackend: Send + Sync + 'static {
-    /// Takes snapshot `snapshot` of the volume (no-op if it exists). The source is snapshotted
-    /// before a copy starts; the target after a copy succeeds, under the same name, so that the
-    /// next copy can use it as its base.
+    /// Takes snapshot `snapshot` of the volume (no-op if it exists), unfenced. The engine uses it
+    /// for the source, before a copy starts; the target's snapshot, after a copy succeeds, is
+    /// taken through its handle under the writer's lease ([`WriteVolume::snapshot`]).
     async fn create_snapshot(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<()>;
 
     /// Whether the snapshot exists.
@@ -67,8 +96,10 @@ pub trait CopyBackend: Send + Sync + 'static {
     /// Opens a snapshot of a volume for reading.
     async fn open_snapshot(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<Box<dyn ReadVolume>>;
 
-    /// Opens a volume for writing (and reading, for the target-diff mode).
-    async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>>;
+    /// Opens a volume for writing (and reading, for the target-diff mode) under `lease`, which it
+    /// admits as the volume's newest (see [Fencing](self#fencing-one-writer-per-target-volume)):
+    /// [`BackendError::Fenced`] if the volume has admitted a newer lease.
+    async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>>;
 
     /// The ranges of `range` in which snapshot `to` may differ from snapshot `from` of the same
     /// volume (like `rbd diff --from-snap`), sorted and disjoint; `Ok(None)` if the backend cannot
@@ -120,4 +151,11 @@ pub trait WriteVolume: ReadVolume {
 
     /// Makes every write so far durable.
     async fn flush(&self) -> BackendResult<()>;
+
+    /// Flushes, then takes snapshot `snapshot` of this volume (no-op if it exists), under the
+    /// handle's lease: refused with [`BackendError::Fenced`] like a write.
+    async fn snapshot(&self, snapshot: &SnapshotId) -> BackendResult<()>;
+
+    /// The lease this handle writes under.
+    fn lease(&self) -> &WriterLease;
 }

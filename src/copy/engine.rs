@@ -105,7 +105,7 @@ use tracing::debug;
 
 use super::backend::{BackendError, CopyBackend, ReadVolume, VolumeRef, WriteVolume};
 use super::zero::is_zero;
-use crate::exec::{ExecError, Step, StopToken, TaskExecutor, TaskRun};
+use crate::exec::{ExecError, Licence, Step, StopToken, TaskExecutor, TaskRun};
 use crate::model::{CopyVolumeSpec, ProgressCounters, SnapshotId, Task, TaskId, TaskProgress, TaskSpec, Verify};
 
 /// Blocks larger than this are hashed on the blocking pool; smaller ones inline (BLAKE3 takes
@@ -124,6 +124,7 @@ impl From<BackendError> for ExecError {
         match e {
             BackendError::Temporary(m) => ExecError::Temporary(m),
             BackendError::Permanent(m) => ExecError::Permanent(m),
+            BackendError::Fenced(m) => ExecError::Fenced(m),
         }
     }
 }
@@ -133,6 +134,7 @@ fn failed(what: impl std::fmt::Display) -> impl FnOnce(BackendError) -> ExecErro
     move |e| match e {
         BackendError::Temporary(m) => ExecError::Temporary(format!("{what}: {m}")),
         BackendError::Permanent(m) => ExecError::Permanent(format!("{what}: {m}")),
+        BackendError::Fenced(m) => ExecError::Fenced(format!("{what}: {m}")),
     }
 }
 
@@ -167,8 +169,13 @@ impl CopyEngine {
 
 #[async_trait]
 impl TaskExecutor for CopyEngine {
-    async fn start(&self, task: &Task, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, ExecError> {
-        Ok(Box::new(CopyRun::open(self.backend.clone(), task, progress).await?))
+    async fn start(
+        &self,
+        task: &Task,
+        licence: &Licence,
+        progress: &mut TaskProgress,
+    ) -> Result<Box<dyn TaskRun>, ExecError> {
+        Ok(Box::new(CopyRun::open(self.backend.clone(), task, licence, progress).await?))
     }
 }
 
@@ -195,6 +202,7 @@ struct CopyRun {
     snapshot: SnapshotId,
     source: Box<dyn ReadVolume>,
     target: Box<dyn WriteVolume>,
+    licence: Licence,
     base: Option<Base>,
     target_diff: bool,
     verify: Option<Verify>,
@@ -202,6 +210,10 @@ struct CopyRun {
     size_bytes: u64,
     extent_bytes: u64,
     block_bytes: u64,
+    /// A step ends after this many bytes of the volume, or ...
+    checkpoint_bytes: u64,
+    /// ... once this long has passed (no run is launched after it; throttle waits end).
+    checkpoint_interval: std::time::Duration,
     /// Most blocks in one run: the backends' preferred I/O size over the block size, at least 1.
     run_blocks: usize,
     blocks_in_flight: usize,
@@ -214,7 +226,12 @@ struct CopyRun {
 }
 
 impl CopyRun {
-    async fn open(backend: Arc<dyn CopyBackend>, task: &Task, progress: &mut TaskProgress) -> Result<Self, ExecError> {
+    async fn open(
+        backend: Arc<dyn CopyBackend>,
+        task: &Task,
+        licence: &Licence,
+        progress: &mut TaskProgress,
+    ) -> Result<Self, ExecError> {
         // One kind of task so far; another kind would be refused here.
         let TaskSpec::CopyVolume(spec) = &task.control.spec;
         spec.validate().map_err(|e| permanent(format!("invalid copy spec: {e}")))?;
@@ -223,7 +240,8 @@ impl CopyRun {
         let snapshot = fix_source_snapshot(backend.as_ref(), task.id, &source_ref, progress).await?;
         let source =
             backend.open_snapshot(&source_ref, &snapshot).await.map_err(failed("opening the source snapshot"))?;
-        let target = backend.open_target(&target_ref).await.map_err(failed("opening the target"))?;
+        licence.check()?;
+        let target = backend.open_target(&target_ref, licence.lease()).await.map_err(failed("opening the target"))?;
         let size_bytes = source.size();
         if target.size() != size_bytes {
             return Err(permanent(format!(
@@ -249,6 +267,7 @@ impl CopyRun {
             snapshot,
             source,
             target,
+            licence: licence.clone(),
             base,
             target_diff: options.target_diff,
             verify: options.verify,
@@ -256,6 +275,8 @@ impl CopyRun {
             size_bytes,
             extent_bytes: options.extent_size_bytes,
             block_bytes: u64::from(options.block_size_bytes),
+            checkpoint_bytes: options.checkpoint_bytes,
+            checkpoint_interval: std::time::Duration::from_millis(options.checkpoint_interval_ms),
             run_blocks,
             blocks_in_flight: options.blocks_in_flight as usize,
             repair: BTreeSet::new(),
@@ -366,13 +387,17 @@ impl TaskRun for CopyRun {
         }
         let index = cursor / self.extent_bytes;
         let extent = index * self.extent_bytes..((index + 1) * self.extent_bytes).min(self.size_bytes);
+        // A checkpoint inside the extent: at most `checkpoint_bytes` from the cursor.
+        let end = extent.end.min(cursor.saturating_add(self.checkpoint_bytes));
         let mode = self.mode(index);
-        let plan = self.plan(mode, cursor..extent.end).await?;
+        let plan = self.plan(mode, cursor..end).await?;
         let mut pool = std::mem::take(&mut self.pool);
-        let done = self.copy(&plan, cursor..extent.end, stop, &mut pool).await;
+        let deadline = tokio::time::Instant::now() + self.checkpoint_interval;
+        let done = self.copy(&plan, cursor..end, stop, deadline, &mut pool).await;
         pool.truncate(2 * self.blocks_in_flight);
         self.pool = pool;
         let done = done?;
+        self.licence.check()?;
         self.target.flush().await.map_err(failed("flushing the target"))?;
         let mut digest = progress.digest.clone();
         if done.reached == extent.end {
@@ -384,7 +409,7 @@ impl TaskRun for CopyRun {
         self.record(progress, &done, digest);
         debug!(
             task = %self.task, extent = index, ?mode, cursor = progress.cursor_bytes, zeroed_bytes = done.zeroed_bytes,
-            counters = ?done.counters, stopped = done.reached < extent.end, "copy step"
+            counters = ?done.counters, stopped = done.reached < end, "copy step"
         );
         Ok(if progress.cursor_bytes == self.size_bytes { Step::Done } else { Step::More })
     }
@@ -396,8 +421,10 @@ impl TaskRun for CopyRun {
                 progress.cursor_bytes, self.size_bytes
             )));
         }
+        self.licence.check()?;
         self.target.flush().await.map_err(failed("flushing the target"))?;
-        self.backend.create_snapshot(&self.target_ref, &self.snapshot).await.map_err(failed("snapshotting the target"))
+        self.licence.check()?;
+        self.target.snapshot(&self.snapshot).await.map_err(failed("snapshotting the target"))
     }
 }
 
@@ -462,15 +489,19 @@ impl CopyRun {
     }
 
     /// Copies the blocks of `range` (inside one extent), in runs, up to `blocks_in_flight` runs
-    /// at a time, until done or stopped. Returns the high-water mark; on failure, lets the runs
+    /// at a time, until done, stopped or past `deadline` (no run is launched then, and a run
+    /// waiting for bandwidth gives up). Returns the high-water mark; on failure, lets the runs
     /// in flight finish and returns the first error.
     async fn copy(
         &self,
         plan: &Plan,
         range: Range<u64>,
         stop: &StopToken,
+        deadline: tokio::time::Instant,
         pool: &mut Vec<Vec<u8>>,
     ) -> Result<StepDone, ExecError> {
+        // Ends waits for bandwidth: at a stop, or at the checkpoint deadline.
+        let interrupt = stop.child_token();
         let blocks = self.blocks(range.clone());
         let runs = self.runs(plan, &blocks);
         let mut mark = HighWater::new(range.start, blocks.len());
@@ -478,18 +509,28 @@ impl CopyRun {
         let (mut next, mut failure) = (0, None);
         loop {
             while failure.is_none() && in_flight.len() < self.blocks_in_flight && next < runs.len() {
-                if stop.is_cancelled() {
+                if interrupt.is_cancelled() || tokio::time::Instant::now() >= deadline {
                     break;
                 }
                 let run = runs[next].clone();
                 let buffers = [pool.pop().unwrap_or_default(), pool.pop().unwrap_or_default()];
                 let run_blocks = &blocks[run.clone()];
-                in_flight.push(async move { (run.start, self.copy_run(plan, run_blocks, buffers).await) });
+                let interrupt = &interrupt;
+                in_flight.push(async move { (run.start, self.copy_run(plan, run_blocks, buffers, interrupt).await) });
                 next += 1;
             }
-            let Some((first, result)) = in_flight.next().await else { break };
+            let next_done = tokio::select! {
+                next_done = in_flight.next() => next_done,
+                _ = tokio::time::sleep_until(deadline), if !interrupt.is_cancelled() => {
+                    interrupt.cancel();
+                    continue;
+                }
+            };
+            let Some((first, result)) = next_done else { break };
             match result {
-                Ok((outcomes, buffers)) => {
+                // Interrupted while waiting for bandwidth: not done, the mark stops before it.
+                Ok(None) => {}
+                Ok(Some((outcomes, buffers))) => {
                     pool.extend(buffers);
                     for (index, outcome) in (first..).zip(outcomes) {
                         mark.complete(index, blocks[index].clone(), outcome);
@@ -534,12 +575,13 @@ impl CopyRun {
         plan: &Plan,
         blocks: &[Range<u64>],
         [data, other]: [Vec<u8>; 2],
-    ) -> Result<(Vec<Outcome>, [Vec<u8>; 2]), ExecError> {
+        interrupt: &StopToken,
+    ) -> Result<Option<(Vec<Outcome>, [Vec<u8>; 2])>, ExecError> {
         let span = blocks[0].start..blocks[blocks.len() - 1].end;
         let profile = Profile::of(plan, &blocks[0]);
         if profile.unchanged {
             let class = if profile.source { Class::Unchanged } else { Class::Hole };
-            return Ok((vec![Outcome { class, zeroed: false }; blocks.len()], [data, other]));
+            return Ok(Some((vec![Outcome { class, zeroed: false }; blocks.len()], [data, other])));
         }
         let len = (span.end - span.start) as usize;
         let (data, other) = futures::try_join!(
@@ -554,18 +596,20 @@ impl CopyRun {
                 decide(plan, block, source, profile.other.then(|| &other[at]))
             })
             .collect();
-        let data = self.apply(blocks, &outcomes, data).await?;
-        Ok((outcomes, [data, other]))
+        let Some(data) = self.apply(blocks, &outcomes, data, interrupt).await? else { return Ok(None) };
+        Ok(Some((outcomes, [data, other])))
     }
 
     /// Zeroes and writes the blocks of a run as decided, neighbours that need the same with one
-    /// call; hands the source's buffer back.
+    /// call; hands the source's buffer back, or `None` if `interrupt` ended a wait for bandwidth
+    /// (the run is then not done). Each call checks the licence right before it goes out.
     async fn apply(
         &self,
         blocks: &[Range<u64>],
         outcomes: &[Outcome],
         mut data: Vec<u8>,
-    ) -> Result<Vec<u8>, ExecError> {
+        interrupt: &StopToken,
+    ) -> Result<Option<Vec<u8>>, ExecError> {
         let start = blocks[0].start;
         let mut i = 0;
         while i < blocks.len() {
@@ -575,13 +619,17 @@ impl CopyRun {
             match action {
                 Action::None => {}
                 Action::Zero => {
+                    self.licence.check()?;
                     let zeroed = self.target.zero(range.clone()).await;
                     zeroed.map_err(failed(format_args!("zeroing target {range:?}")))?;
                 }
                 Action::Write => {
                     if let Some(throttle) = &self.throttle {
-                        throttle.acquire(range.end - range.start).await;
+                        if !throttle.acquire(range.end - range.start, interrupt).await {
+                            return Ok(None);
+                        }
                     }
+                    self.licence.check()?;
                     // The whole run goes without a copy; a part of it is copied out.
                     let whole = i == 0 && j == blocks.len();
                     let piece = if whole {
@@ -598,7 +646,7 @@ impl CopyRun {
             }
             i = j;
         }
-        Ok(data)
+        Ok(Some(data))
     }
 
     /// Reads the source's block if it is allocated (else hands `buf` back untouched).
@@ -820,20 +868,28 @@ impl Throttle {
         Throttle { limiter, clock, unit_bytes, burst }
     }
 
-    /// Waits until `bytes` may be written, taking tokens in pieces no larger than the burst.
-    async fn acquire(&self, bytes: u64) {
+    /// Waits until `bytes` may be written, taking tokens in pieces no larger than the burst;
+    /// `false` if `interrupt` was cancelled first (the tokens taken so far are spent).
+    async fn acquire(&self, bytes: u64, interrupt: &StopToken) -> bool {
         let mut tokens = bytes.div_ceil(self.unit_bytes);
         while tokens > 0 {
             let piece = NonZeroU32::new(tokens.min(u64::from(self.burst.get())) as u32).expect("tokens > 0");
             loop {
                 match self.limiter.check_n(piece) {
                     Ok(Ok(())) => break,
-                    Ok(Err(not_until)) => tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await,
+                    Ok(Err(not_until)) => {
+                        let wait = not_until.wait_time_from(self.clock.now());
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = interrupt.cancelled() => return false,
+                        }
+                    }
                     Err(_) => unreachable!("a piece is never larger than the burst"),
                 }
             }
             tokens -= u64::from(piece.get());
         }
+        true
     }
 }
 
@@ -1052,6 +1108,11 @@ async fn absorb(
 
 #[cfg(test)]
 mod tests {
+    /// A licence for `task` that no session guards.
+    fn licence(task: &Task) -> Licence {
+        Licence::unlimited(crate::model::WriterLease::new(task.id, 1))
+    }
+
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
     use std::time::Duration;
@@ -1132,7 +1193,7 @@ mod tests {
 
         /// Runs the task from `progress` to the end, as a controller would without stops.
         async fn run(&self, mut progress: TaskProgress) -> TaskProgress {
-            let mut run = self.engine.start(&self.task, &mut progress).await.unwrap();
+            let mut run = self.engine.start(&self.task, &licence(&self.task), &mut progress).await.unwrap();
             let stop = StopToken::new();
             while run.step(&mut progress, &stop).await.unwrap() == Step::More {
                 assert!(progress.cursor_bytes % BLOCK == 0);
@@ -1306,7 +1367,7 @@ mod tests {
             HookAction::Proceed
         });
         let mut progress = TaskProgress::default();
-        let mut run = f.engine.start(&f.task, &mut progress).await.unwrap();
+        let mut run = f.engine.start(&f.task, &licence(&f.task), &mut progress).await.unwrap();
         assert_eq!(run.step(&mut progress, &stop).await.unwrap(), Step::More);
         let cursor = progress.cursor_bytes;
         assert!(cursor % BLOCK == 0 && (block(5)..EXTENT).contains(&cursor), "cursor {cursor}");
@@ -1350,7 +1411,7 @@ mod tests {
             _ => HookAction::Proceed,
         });
         let mut progress = TaskProgress::default();
-        let mut run = f.engine.start(&f.task, &mut progress).await.unwrap();
+        let mut run = f.engine.start(&f.task, &licence(&f.task), &mut progress).await.unwrap();
         assert_eq!(run.step(&mut progress, &stop).await.unwrap(), Step::More);
         let mut writes = writes.lock().unwrap().clone();
         assert_eq!(writes.pop(), Some(0), "block 0 completed last");
@@ -1380,7 +1441,7 @@ mod tests {
         let f = Fixture::new(size, options(), None);
         f.backend.write_volume(&f.source, 0, &pattern(1, size));
         let mut progress = TaskProgress::default();
-        let mut run = f.engine.start(&f.task, &mut progress).await.unwrap();
+        let mut run = f.engine.start(&f.task, &licence(&f.task), &mut progress).await.unwrap();
         let stop = StopToken::new();
         assert_eq!(run.step(&mut progress, &stop).await.unwrap(), Step::More);
         let committed = progress.clone();
@@ -1402,7 +1463,7 @@ mod tests {
         assert_eq!(progress, committed);
 
         f.backend.fail_next(MemoryOp::OpenTarget, BackendError::Temporary("busy".into()));
-        let err = f.engine.start(&f.task, &mut TaskProgress::default()).await.err().unwrap();
+        let err = f.engine.start(&f.task, &licence(&f.task), &mut TaskProgress::default()).await.err().unwrap();
         assert!(matches!(err, ExecError::Temporary(_)), "{err:?}");
         f.backend.fail_next(MemoryOp::Flush, BackendError::Temporary("busy".into()));
         let mut progress = committed.clone();
@@ -1415,17 +1476,17 @@ mod tests {
     async fn sizes_snapshots_and_progress_are_checked_at_start() {
         let f = Fixture::new(EXTENT, options(), None);
         f.backend.create_volume(&f.target, EXTENT + BLOCK);
-        let err = f.engine.start(&f.task, &mut TaskProgress::default()).await.err().unwrap();
+        let err = f.engine.start(&f.task, &licence(&f.task), &mut TaskProgress::default()).await.err().unwrap();
         let ExecError::Permanent(m) = err else { panic!("{err:?}") };
         assert!(m.contains(&EXTENT.to_string()) && m.contains(&(EXTENT + BLOCK).to_string()), "{m}");
 
         // A resumed run needs its source snapshot.
         let f = Fixture::new(EXTENT, options(), None);
         let mut progress = TaskProgress::default();
-        f.engine.start(&f.task, &mut progress).await.unwrap();
+        f.engine.start(&f.task, &licence(&f.task), &mut progress).await.unwrap();
         assert_eq!(progress.source_snapshot, Some(f.snapshot()));
         f.backend.delete_snapshot(&f.source, &f.snapshot());
-        let err = f.engine.start(&f.task, &mut progress.clone()).await.err().unwrap();
+        let err = f.engine.start(&f.task, &licence(&f.task), &mut progress.clone()).await.err().unwrap();
         assert!(matches!(&err, ExecError::Permanent(m) if m.contains("is gone")), "{err:?}");
 
         // Progress that does not fit.
@@ -1437,18 +1498,21 @@ mod tests {
         ] {
             let mut progress = TaskProgress { source_snapshot: Some(f.snapshot()), ..bad };
             f.backend.create_snapshot(&f.source, &f.snapshot()).await.unwrap();
-            assert!(matches!(f.engine.start(&f.task, &mut progress).await, Err(ExecError::Permanent(_))));
+            assert!(matches!(
+                f.engine.start(&f.task, &licence(&f.task), &mut progress).await,
+                Err(ExecError::Permanent(_))
+            ));
         }
     }
 
     #[tokio::test]
     async fn an_incremental_copy_needs_the_base_on_both_sides() {
         let f = Fixture::new(EXTENT, options(), Some("b"));
-        let err = f.engine.start(&f.task, &mut TaskProgress::default()).await.err().unwrap();
+        let err = f.engine.start(&f.task, &licence(&f.task), &mut TaskProgress::default()).await.err().unwrap();
         assert!(matches!(&err, ExecError::Permanent(m) if m.contains("source") && m.contains("run a full copy")));
 
         f.backend.create_snapshot(&f.source, &SnapshotId::new("b").unwrap()).await.unwrap();
-        let err = f.engine.start(&f.task, &mut TaskProgress::default()).await.err().unwrap();
+        let err = f.engine.start(&f.task, &licence(&f.task), &mut TaskProgress::default()).await.err().unwrap();
         assert_eq!(err, ExecError::Permanent("target does not hold base snapshot b; run a full copy".into()));
     }
 
@@ -1472,7 +1536,7 @@ mod tests {
                 HookAction::Proceed
             });
             let mut progress = TaskProgress::default();
-            let mut run = f.engine.start(&f.task, &mut progress).await.unwrap();
+            let mut run = f.engine.start(&f.task, &licence(&f.task), &mut progress).await.unwrap();
             assert_eq!(run.step(&mut progress, &stop).await.unwrap(), Step::More);
             let first = progress.digest.clone().expect("a completed extent is hashed");
             assert_eq!(run.step(&mut progress, &stop).await.unwrap(), Step::More);
@@ -1501,7 +1565,7 @@ mod tests {
         // The target drifted from the base after its snapshot: an incremental copy skips there.
         f.backend.write_volume(&f.target, 100, &[0]);
         let mut progress = TaskProgress::default();
-        let mut run = f.engine.start(&f.task, &mut progress).await.unwrap();
+        let mut run = f.engine.start(&f.task, &licence(&f.task), &mut progress).await.unwrap();
         let committed = progress.clone();
         let err = run.step(&mut progress, &StopToken::new()).await.unwrap_err();
         assert!(matches!(&err, ExecError::Temporary(m) if m.contains("verification failed")), "{err:?}");
@@ -1537,7 +1601,7 @@ mod tests {
         let throttle = Throttle::new(10 << 30);
         assert!(throttle.unit_bytes > 1);
         let started = Instant::now();
-        throttle.acquire(1 << 30).await;
+        assert!(throttle.acquire(1 << 30, &StopToken::new()).await);
         assert!(started.elapsed() < Duration::from_millis(200));
     }
 
@@ -1554,7 +1618,7 @@ mod tests {
             _ => HookAction::Proceed,
         });
         let mut committed = TaskProgress::default();
-        let mut run = f.engine.start(&f.task, &mut committed).await.unwrap();
+        let mut run = f.engine.start(&f.task, &licence(&f.task), &mut committed).await.unwrap();
         let stop = StopToken::new();
         let mut progress = committed.clone();
         assert_eq!(run.step(&mut progress, &stop).await.unwrap(), Step::More);

@@ -8,6 +8,8 @@
 //!
 //! ```text
 //! <root>/<host>/volumes/<volume>.img                  a volume
+//! <root>/<host>/volumes/<volume>.lock                 its writer lock (flock), and who holds it
+//! <root>/<host>/volumes/<volume>.lease                the newest writer lease it admitted
 //! <root>/<host>/snapshots/<volume>/<snapshot>.img     a snapshot of it
 //! <root>/<host>/snapshots/<volume>/.<snapshot>.img.<pid>.<n>.tmp   a snapshot being written
 //! ```
@@ -32,6 +34,30 @@
 //!   always has its full size.
 //! - Directories created on the way are `fsync`ed into their parents.
 //! - Writes are not atomic and not durable until [`WriteVolume::flush`] (`fdatasync`) returns.
+//!
+//! # Fencing: one writer per volume
+//!
+//! [`CopyBackend::open_target`] takes the volume's **writer lock**, an exclusive `flock` on
+//! `<volume>.lock`, before it opens the image for writing, and holds it until the handle and every
+//! call in flight on it are gone (the lock's descriptor closes after the image's). While one
+//! process (or one handle in this process) holds it, another `open_target` of the volume waits up
+//! to [`WRITER_LOCK_WAIT`] and then fails with [`BackendError::Temporary`] naming the holder (its
+//! pid and lease, written into the lock file): the engine retries with backoff. So at most one
+//! handle can write a volume at any instant, on this host, and the kernel drops the lock when its
+//! process dies, however it dies (`kill -9` included): a dead writer never blocks a volume.
+//!
+//! Under the lock, `open_target` compares the caller's [`WriterLease`] with the volume's newest,
+//! in `<volume>.lease` (JSON, replaced atomically: a temporary file, `fsync`, `rename`, `fsync` of
+//! the directory, before the handle is returned). An older lease is refused with
+//! [`BackendError::Fenced`]; a newer one becomes the newest. A runner that lost its claim and
+//! tries to reopen the target is refused, even after every newer writer closed it.
+//!
+//! What it protects: processes on **one host** (or one kernel) writing through this backend. What
+//! it does not: writers on other hosts of a shared filesystem (NFS locks are advisory and lease-
+//! based), or anything that writes the image without the backend. A writer frozen (`SIGSTOP`, a
+//! disk that never answers) keeps the lock: the volume waits for it to run again or die, rather
+//! than risk two writers; a frozen runner that runs again finds its local lease lapsed and closes
+//! the volume without writing (see [`crate::lease`]).
 //!
 //! # How a snapshot is copied
 //!
@@ -95,7 +121,11 @@ use tracing::debug;
 
 use super::backend::{BackendError, BackendResult, CopyBackend, ReadVolume, VolumeRef, WriteVolume};
 use super::fiemap;
-use crate::model::SnapshotId;
+use crate::model::{SnapshotId, WriterLease};
+
+/// How long [`CopyBackend::open_target`] waits for a volume's writer lock held by another handle
+/// before it answers [`BackendError::Temporary`] (the engine retries with backoff).
+pub const WRITER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Bytes moved per read or write when copying a snapshot or writing zeroes: large enough to
 /// stream, small enough that the buffer does not matter.
@@ -191,6 +221,22 @@ impl FileBackend {
         self.host_dir(volume).join("volumes").join(format!("{}.img", volume.volume))
     }
 
+    /// The writer lock of a volume: `<root>/<host>/volumes/<volume>.lock`.
+    pub fn lock_path(&self, volume: &VolumeRef) -> PathBuf {
+        self.host_dir(volume).join("volumes").join(format!("{}.lock", volume.volume))
+    }
+
+    /// The newest writer lease a volume admitted: `<root>/<host>/volumes/<volume>.lease`.
+    pub fn lease_path(&self, volume: &VolumeRef) -> PathBuf {
+        self.host_dir(volume).join("volumes").join(format!("{}.lease", volume.volume))
+    }
+
+    /// The newest writer lease `volume` has admitted, if any.
+    pub async fn newest_lease(&self, volume: &VolumeRef) -> BackendResult<Option<WriterLease>> {
+        let path = self.lease_path(volume);
+        blocking(move || read_lease(&path)).await
+    }
+
     /// The image file of a snapshot: `<root>/<host>/snapshots/<volume>/<snapshot>.img`.
     pub fn snapshot_path(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> PathBuf {
         self.host_dir(volume).join("snapshots").join(volume.volume.as_str()).join(format!("{snapshot}.img"))
@@ -275,9 +321,30 @@ impl CopyBackend for FileBackend {
         Ok(Box::new(ImageFile::open(path, false, "open snapshot").await?))
     }
 
-    async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>> {
+    /// Takes the volume's writer lock, admits `lease` (see [Fencing](self#fencing-one-writer-per-volume)),
+    /// then opens the image.
+    async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>> {
         let path = self.volume_path(volume);
-        Ok(Box::new(ImageFile::open(path, true, "open volume").await?))
+        let (lock_path, lease_path) = (self.lock_path(volume), self.lease_path(volume));
+        let snapshots = parent(&self.snapshot_path(volume, &SnapshotId::new("x").expect("a valid name"))).to_path_buf();
+        let (lease, reflink, name) = (*lease, self.reflink, volume.volume.to_string());
+        blocking(move || {
+            existing_len(&path)?.ok_or_else(|| io_error("open volume", &path, ErrorKind::NotFound.into()))?;
+            let lock = lock_writer(&lock_path, &lease)?;
+            let newest = read_lease(&lease_path)?;
+            if !lease.admits_after(newest.as_ref()) {
+                let newest = newest.expect("a lease refuses only after a newer one");
+                return Err(BackendError::Fenced(format!(
+                    "volume {name} admitted writer lease {newest}; {lease} is older and may not write it"
+                )));
+            }
+            if newest != Some(lease) {
+                write_lease(&lease_path, &lease)?;
+            }
+            let image = ImageFile::open_blocking(path, true, "open volume", Some(lock))?;
+            Ok(Box::new(TargetFile { image, lease, snapshots, reflink }) as Box<dyn WriteVolume>)
+        })
+        .await
     }
 
     /// From the extent maps of the two snapshot files (see [Limits](self#limits)): `Ok(None)`
@@ -318,9 +385,23 @@ impl CopyBackend for FileBackend {
     }
 }
 
+/// An open image, and the writer lock it was opened under (closed after the image).
+struct Opened {
+    file: File,
+    _lock: Option<File>,
+}
+
+impl std::ops::Deref for Opened {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
 /// An open volume or snapshot file, shared by every call on it.
 struct ImageFile {
-    file: Arc<File>,
+    file: Arc<Opened>,
     path: Arc<Path>,
     size: u64,
     /// Bytes written through this handle; write-back starts each time it passes a multiple of
@@ -330,13 +411,15 @@ struct ImageFile {
 
 impl ImageFile {
     async fn open(path: PathBuf, writable: bool, what: &'static str) -> BackendResult<Self> {
-        blocking(move || {
-            let file = OpenOptions::new().read(true).write(writable).open(&path);
-            let file = file.map_err(|err| io_error(what, &path, err))?;
-            let size = file.metadata().map_err(|err| io_error("stat", &path, err))?.len();
-            Ok(ImageFile { file: Arc::new(file), path: path.into(), size, written: Arc::default() })
-        })
-        .await
+        blocking(move || ImageFile::open_blocking(path, writable, what, None)).await
+    }
+
+    fn open_blocking(path: PathBuf, writable: bool, what: &'static str, lock: Option<File>) -> BackendResult<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(&path);
+        let file = file.map_err(|err| io_error(what, &path, err))?;
+        let size = file.metadata().map_err(|err| io_error("stat", &path, err))?.len();
+        let file = Arc::new(Opened { file, _lock: lock });
+        Ok(ImageFile { file, path: path.into(), size, written: Arc::default() })
     }
 
     /// Refuses `len` bytes at `offset` unless they lie inside the file.
@@ -398,32 +481,75 @@ impl ReadVolume for ImageFile {
     }
 }
 
+/// A volume opened for writing under its writer lock and a lease.
+struct TargetFile {
+    image: ImageFile,
+    lease: WriterLease,
+    /// `<root>/<host>/snapshots/<volume>`.
+    snapshots: PathBuf,
+    reflink: bool,
+}
+
 #[async_trait]
-impl WriteVolume for ImageFile {
+impl ReadVolume for TargetFile {
+    fn size(&self) -> u64 {
+        self.image.size
+    }
+
+    fn preferred_io_bytes(&self) -> u64 {
+        PREFERRED_IO_BYTES
+    }
+
+    async fn allocated(&self, range: Range<u64>) -> BackendResult<Vec<Range<u64>>> {
+        self.image.allocated(range).await
+    }
+
+    async fn read(&self, offset: u64, buf: Vec<u8>) -> BackendResult<Vec<u8>> {
+        self.image.read(offset, buf).await
+    }
+}
+
+#[async_trait]
+impl WriteVolume for TargetFile {
     async fn write(&self, offset: u64, data: Vec<u8>) -> BackendResult<Vec<u8>> {
-        self.check_range("write", offset, data.len() as u64)?;
+        let image = &self.image;
+        image.check_range("write", offset, data.len() as u64)?;
         let what = format!("write {} bytes at {offset} to", data.len());
-        let written = self.written.clone();
-        self.run(what, move |file| {
-            file.write_all_at(&data, offset)?;
-            let len = data.len() as u64;
-            let before = written.fetch_add(len, Ordering::Relaxed);
-            if (before + len) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
-                start_writeback(file)?;
-            }
-            Ok(data)
-        })
-        .await
+        let written = image.written.clone();
+        image
+            .run(what, move |file| {
+                file.write_all_at(&data, offset)?;
+                let len = data.len() as u64;
+                let before = written.fetch_add(len, Ordering::Relaxed);
+                if (before + len) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
+                    start_writeback(file)?;
+                }
+                Ok(data)
+            })
+            .await
     }
 
     async fn zero(&self, range: Range<u64>) -> BackendResult<()> {
-        self.check_range("zero", range.start, range.end.saturating_sub(range.start))?;
+        self.image.check_range("zero", range.start, range.end.saturating_sub(range.start))?;
         let what = format!("zero {range:?} of");
-        self.run(what, move |file| zero_range(file, range)).await
+        self.image.run(what, move |file| zero_range(file, range)).await
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        self.run("fdatasync", File::sync_data).await
+        self.image.run("fdatasync", File::sync_data).await
+    }
+
+    async fn snapshot(&self, snapshot: &SnapshotId) -> BackendResult<()> {
+        self.flush().await?;
+        let target = self.snapshots.join(format!("{snapshot}.img"));
+        let (file, path, reflink) = (self.image.file.clone(), self.image.path.clone(), self.reflink);
+        let method = blocking(move || snapshot_of(&file, &path, &target, reflink)).await?;
+        debug!(volume = %self.image.path.display(), %snapshot, ?method, "file backend: target snapshot");
+        Ok(())
+    }
+
+    fn lease(&self) -> &WriterLease {
+        &self.lease
     }
 }
 
@@ -586,12 +712,20 @@ fn snapshot_blocking(source: &Path, target: &Path, reflink: bool) -> BackendResu
         return Ok(SnapshotMethod::Existed);
     }
     let volume = File::open(source).map_err(|err| io_error("open volume", source, err))?;
+    snapshot_of(&volume, source, target, reflink)
+}
+
+/// Snapshots the open `volume` as `target` (see [`FileBackend::take_snapshot`]).
+fn snapshot_of(volume: &File, source: &Path, target: &Path, reflink: bool) -> BackendResult<SnapshotMethod> {
+    if target.try_exists().map_err(|err| io_error("look for snapshot", target, err))? {
+        return Ok(SnapshotMethod::Existed);
+    }
     let temp = TempFile::create(target)?;
-    let reflinked = reflink && try_reflink(&volume, &temp.file).map_err(|err| io_error("reflink", source, err))?;
+    let reflinked = reflink && try_reflink(volume, &temp.file).map_err(|err| io_error("reflink", source, err))?;
     let method = if reflinked {
         SnapshotMethod::Reflink
     } else {
-        sparse_copy(&volume, &temp.file).map_err(|err| io_error("copy volume", source, err))?;
+        sparse_copy(volume, &temp.file).map_err(|err| io_error("copy volume", source, err))?;
         SnapshotMethod::SparseCopy
     };
     // Lost a race with another creator: theirs is the snapshot.
@@ -700,4 +834,70 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
 /// `fsync`s a directory, making the names created or removed in it durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Takes the writer lock at `path` (creating the file), waiting up to [`WRITER_LOCK_WAIT`]; then
+/// records in it who holds it. [`BackendError::Temporary`] naming the holder if it stays taken.
+fn lock_writer(path: &Path, lease: &WriterLease) -> BackendResult<File> {
+    let dir = parent(path);
+    create_dir_durable(dir).map_err(|err| io_error("create directory", dir, err))?;
+    let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
+    let lock = lock.map_err(|err| io_error("open writer lock", path, err))?;
+    let deadline = std::time::Instant::now() + WRITER_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor that `lock` keeps open; it touches no memory.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) && err.kind() != ErrorKind::Interrupted {
+            return Err(io_error("take writer lock", path, err));
+        }
+        if std::time::Instant::now() >= deadline {
+            let holder = fs::read_to_string(path).unwrap_or_default();
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "another handle" } else { holder };
+            return Err(BackendError::Temporary(format!(
+                "volume is being written by {holder} (writer lock {} held for more than {} ms)",
+                path.display(),
+                WRITER_LOCK_WAIT.as_millis()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let holder = format!("pid {} under {lease}\n", std::process::id());
+    let record = lock.set_len(0).and_then(|()| lock.write_all_at(holder.as_bytes(), 0));
+    record.map_err(|err| io_error("record the holder in", path, err))?;
+    Ok(lock)
+}
+
+/// The lease recorded at `path`; `None` if there is none.
+fn read_lease(path: &Path) -> BackendResult<Option<WriterLease>> {
+    match fs::read(path) {
+        Ok(data) => serde_json::from_slice(&data).map(Some).map_err(|err| {
+            BackendError::Permanent(format!("writer lease record {} is damaged: {err}", path.display()))
+        }),
+        Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(io_error("read writer lease", path, err)),
+    }
+}
+
+/// Replaces the lease record at `path` atomically and durably.
+fn write_lease(path: &Path, lease: &WriterLease) -> BackendResult<()> {
+    let dir = parent(path);
+    let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+    let name = path.file_name().expect("lease paths end in a file name").to_string_lossy();
+    let temp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let data = serde_json::to_vec(lease).expect("a lease serializes");
+    let written = (|| {
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        file.write_all_at(&data, 0)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        sync_dir(dir)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written.map_err(|err| io_error("write writer lease", path, err))
 }

@@ -13,6 +13,13 @@
 //!   reports runs of allocated pages, clipped to the range asked.
 //! - A snapshot is an immutable copy of the volume (bytes and map) behind an `Arc`, keyed by name;
 //!   readers of a snapshot take no lock.
+//! - **Fencing**: each volume remembers the newest [`WriterLease`] that
+//!   [`CopyBackend::open_target`] admitted. Opening under an older lease, and every write, zero,
+//!   flush or snapshot through a handle whose lease is no longer the newest, fail with
+//!   [`BackendError::Fenced`] and change nothing; the check and the change happen under the one
+//!   lock that admitting a lease takes, so a stale write never lands after a newer owner's first.
+//!   Unlike the file backend it admits a newer lease at once, while older handles live:
+//!   [`MemoryBackend::fenced_calls`] counts the calls it refused.
 //! - [`CopyBackend::changed_ranges`] answers `None` unless turned on with
 //!   [`MemoryBackend::set_changed_ranges`], which also sets how coarse the answer is (reporting
 //!   more than what changed is allowed), so that the engine's use of it can be tested both ways.
@@ -44,7 +51,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::backend::{BackendError, BackendResult, CopyBackend, ReadVolume, VolumeRef, WriteVolume};
-use crate::model::{SnapshotId, VolumeId};
+use crate::model::{SnapshotId, VolumeId, WriterLease};
 
 /// Granularity of the allocation map, bytes.
 pub const PAGE_BYTES: u64 = 4096;
@@ -72,9 +79,11 @@ pub enum MemoryOp {
     Zero,
     /// [`WriteVolume::flush`].
     Flush,
+    /// [`WriteVolume::snapshot`].
+    TargetSnapshot,
 }
 
-const OPS: usize = 10;
+const OPS: usize = 11;
 
 impl MemoryOp {
     fn index(self) -> usize {
@@ -135,6 +144,7 @@ struct Control {
     hook: Option<Hook>,
     changed_granularity_bytes: Option<u64>,
     track_unflushed: bool,
+    fenced: u64,
 }
 
 struct Fault {
@@ -160,6 +170,8 @@ struct Volume {
     snapshots: HashMap<SnapshotId, Arc<Image>>,
     /// Undo records of the writes since the last flush (only while tracking is on), oldest first.
     journal: Vec<Undo>,
+    /// The newest writer lease admitted.
+    newest: Option<WriterLease>,
 }
 
 /// Bytes plus allocation map.
@@ -302,6 +314,14 @@ impl Inner {
         fault.map_or(Ok(()), Err)
     }
 
+    /// Counts a [`BackendError::Fenced`] answer.
+    fn count_fenced<T>(&self, result: BackendResult<T>) -> BackendResult<T> {
+        if matches!(result, Err(BackendError::Fenced(_))) {
+            self.control().fenced += 1;
+        }
+        result
+    }
+
     /// Runs `f` on the live volume, or fails permanently if there is none.
     fn with_volume<T>(&self, key: &Key, f: impl FnOnce(&mut Volume) -> BackendResult<T>) -> BackendResult<T> {
         let mut volumes = self.volumes();
@@ -334,7 +354,8 @@ impl MemoryBackend {
 
     /// Creates (or replaces, dropping its snapshots) a volume of `size_bytes`, all holes.
     pub fn create_volume(&self, volume: &VolumeRef, size_bytes: u64) {
-        let fresh = Volume { image: Image::new(size_bytes), snapshots: HashMap::new(), journal: Vec::new() };
+        let fresh =
+            Volume { image: Image::new(size_bytes), snapshots: HashMap::new(), journal: Vec::new(), newest: None };
         self.inner.volumes().insert(Key::of(volume), fresh);
     }
 
@@ -423,6 +444,21 @@ impl MemoryBackend {
     /// Calls of `op` so far (including failed ones).
     pub fn calls(&self, op: MemoryOp) -> u64 {
         self.inner.control().calls[op.index()]
+    }
+
+    /// Calls refused with [`BackendError::Fenced`] so far (opens under an older lease, and
+    /// writes, zeroes, flushes and snapshots through a superseded handle).
+    pub fn fenced_calls(&self) -> u64 {
+        self.inner.control().fenced
+    }
+
+    /// The newest writer lease a volume admitted.
+    ///
+    /// # Panics
+    /// If the volume does not exist.
+    pub fn newest_lease(&self, volume: &VolumeRef) -> Option<WriterLease> {
+        let volumes = self.inner.volumes();
+        volumes.get(&Key::of(volume)).unwrap_or_else(|| panic!("no volume {}", volume.volume)).newest
     }
 
     /// Bytes in the ranges of the calls of `op` so far (reads, writes, zeroes, allocated queries).
@@ -521,11 +557,18 @@ impl CopyBackend for MemoryBackend {
         }))
     }
 
-    async fn open_target(&self, volume: &VolumeRef) -> BackendResult<Box<dyn WriteVolume>> {
+    async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>> {
         self.inner.enter(call(MemoryOp::OpenTarget, &volume.volume, None, 0..0)).await?;
         let key = Key::of(volume);
-        let size = self.inner.with_volume(&key, |v| Ok(v.image.size()))?;
-        Ok(Box::new(MemoryTarget { inner: self.inner.clone(), key, size }))
+        let size = self.inner.with_volume(&key, |v| {
+            if !lease.admits_after(v.newest.as_ref()) {
+                return Err(stale(&key, lease, v.newest.as_ref()));
+            }
+            v.newest = Some(*lease);
+            Ok(v.image.size())
+        });
+        let size = self.inner.count_fenced(size)?;
+        Ok(Box::new(MemoryTarget { inner: self.inner.clone(), key, size, lease: *lease }))
     }
 
     async fn changed_ranges(
@@ -575,13 +618,34 @@ struct MemoryTarget {
     inner: Arc<Inner>,
     key: Key,
     size: u64,
+    lease: WriterLease,
+}
+
+/// The error for a call under `lease` on a volume whose newest lease is `newest`.
+fn stale(key: &Key, lease: &WriterLease, newest: Option<&WriterLease>) -> BackendError {
+    let newest = newest.map_or("none".to_string(), ToString::to_string);
+    BackendError::Fenced(format!(
+        "volume {} on {} admitted writer lease {newest}; {lease} may not write",
+        key.volume, key.host
+    ))
 }
 
 impl MemoryTarget {
+    /// Runs `f` on the volume if this handle's lease is still the newest, under the same lock.
+    fn fenced<T>(&self, f: impl FnOnce(&mut Volume) -> BackendResult<T>) -> BackendResult<T> {
+        let result = self.inner.with_volume(&self.key, |v| {
+            if v.newest != Some(self.lease) {
+                return Err(stale(&self.key, &self.lease, v.newest.as_ref()));
+            }
+            f(v)
+        });
+        self.inner.count_fenced(result)
+    }
+
     /// Applies a write or a zero, journaling it first while tracking is on.
     fn change(&self, range: &Range<u64>, f: impl FnOnce(&mut Image)) -> BackendResult<()> {
         let track = self.inner.control().track_unflushed;
-        self.inner.with_volume(&self.key, |v| {
+        self.fenced(|v| {
             v.image.check(range)?;
             if track {
                 let undo = v.image.undo_record(range);
@@ -635,10 +699,25 @@ impl WriteVolume for MemoryTarget {
 
     async fn flush(&self) -> BackendResult<()> {
         self.inner.enter(call(MemoryOp::Flush, &self.key.volume, None, 0..0)).await?;
-        self.inner.with_volume(&self.key, |v| {
+        self.fenced(|v| {
             v.journal.clear();
             Ok(())
         })
+    }
+
+    async fn snapshot(&self, snapshot: &SnapshotId) -> BackendResult<()> {
+        self.inner.enter(call(MemoryOp::TargetSnapshot, &self.key.volume, Some(snapshot), 0..0)).await?;
+        self.fenced(|v| {
+            v.journal.clear();
+            if !v.snapshots.contains_key(snapshot) {
+                v.snapshots.insert(snapshot.clone(), Arc::new(v.image.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    fn lease(&self) -> &WriterLease {
+        &self.lease
     }
 }
 
@@ -654,6 +733,34 @@ mod tests {
         SnapshotId::new(name).unwrap()
     }
 
+    /// A lease of one fixed task at `epoch`.
+    fn lease(epoch: u64) -> WriterLease {
+        WriterLease::new(crate::model::TaskId::from_bytes([7; 16]), epoch)
+    }
+
+    #[tokio::test]
+    async fn a_newer_lease_fences_every_write_of_an_older_handle() {
+        let backend = MemoryBackend::new();
+        let v = vol("a");
+        backend.create_volume(&v, 4 * PAGE_BYTES);
+        let old = backend.open_target(&v, &lease(5)).await.unwrap();
+        old.write(0, vec![1; 10]).await.unwrap();
+        let new = backend.open_target(&v, &WriterLease::new(crate::model::TaskId::generate(), 6)).await.unwrap();
+        new.write(0, vec![2; 10]).await.unwrap();
+        assert!(matches!(old.write(0, vec![3; 10]).await, Err(BackendError::Fenced(_))));
+        assert!(matches!(old.zero(0..PAGE_BYTES).await, Err(BackendError::Fenced(_))));
+        assert!(matches!(old.flush().await, Err(BackendError::Fenced(_))));
+        assert!(matches!(old.snapshot(&snap("s")).await, Err(BackendError::Fenced(_))));
+        assert!(matches!(backend.open_target(&v, &lease(5)).await, Err(BackendError::Fenced(_))));
+        assert_eq!(backend.read_all(&v)[..10], [2; 10], "no stale write landed");
+        assert!(!backend.snapshot_exists(&v, &snap("s")).await.unwrap());
+        assert_eq!(backend.fenced_calls(), 5);
+        new.snapshot(&snap("s")).await.unwrap();
+        assert_eq!(backend.read_snapshot(&v, &snap("s"))[..10], [2; 10]);
+        // The newest owner may open again (a retried open of the same claim).
+        assert!(backend.open_target(&v, new.lease()).await.is_ok());
+    }
+
     #[tokio::test]
     async fn writes_allocate_pages_and_zero_punches_whole_ones() {
         let backend = MemoryBackend::new();
@@ -663,7 +770,7 @@ mod tests {
         backend.write_volume(&v, PAGE_BYTES + 10, &[1; 10]);
         assert_eq!(backend.allocated_ranges(&v), vec![PAGE_BYTES..2 * PAGE_BYTES]);
 
-        let target = backend.open_target(&v).await.unwrap();
+        let target = backend.open_target(&v, &lease(1)).await.unwrap();
         target.write(3 * PAGE_BYTES - 1, vec![7; 2 * PAGE_BYTES as usize + 2]).await.unwrap();
         assert_eq!(target.allocated(0..target.size()).await.unwrap(), vec![PAGE_BYTES..6 * PAGE_BYTES]);
         // Clipped to the range asked.
@@ -706,7 +813,7 @@ mod tests {
         assert_eq!(reader.read(0, vec![0; 10]).await.unwrap(), vec![1; 10]);
         assert_eq!(reader.allocated(0..4 * PAGE_BYTES).await.unwrap(), vec![0..PAGE_BYTES]);
         assert!(matches!(backend.open_snapshot(&v, &snap("nope")).await, Err(BackendError::Permanent(_))));
-        assert!(matches!(backend.open_target(&vol("nope")).await, Err(BackendError::Permanent(_))));
+        assert!(matches!(backend.open_target(&vol("nope"), &lease(1)).await, Err(BackendError::Permanent(_))));
         assert!(backend.delete_snapshot(&v, &snap("s1")));
         assert!(!backend.snapshot_exists(&v, &snap("s1")).await.unwrap());
     }
@@ -718,10 +825,10 @@ mod tests {
         let mut elsewhere = a.clone();
         elsewhere.hosts = vec!["203.0.113.1:10201".into()];
         backend.create_volume(&a, PAGE_BYTES);
-        assert!(backend.open_target(&elsewhere).await.is_err());
+        assert!(backend.open_target(&elsewhere, &lease(1)).await.is_err());
         let mut more_hosts = a.clone();
         more_hosts.hosts.push("203.0.113.1:10201".into());
-        assert!(backend.open_target(&more_hosts).await.is_ok());
+        assert!(backend.open_target(&more_hosts, &lease(1)).await.is_ok());
     }
 
     #[tokio::test]
@@ -754,7 +861,7 @@ mod tests {
         let backend = MemoryBackend::new();
         let v = vol("a");
         backend.create_volume(&v, 4 * PAGE_BYTES);
-        let target = backend.open_target(&v).await.unwrap();
+        let target = backend.open_target(&v, &lease(1)).await.unwrap();
         backend.fail_nth(MemoryOp::Read, 2, BackendError::Temporary("busy".into()));
         assert!(target.read(0, vec![0; 10]).await.is_ok());
         assert_eq!(target.read(0, vec![0; 10]).await, Err(BackendError::Temporary("busy".into())));
@@ -770,7 +877,7 @@ mod tests {
         let backend = MemoryBackend::new();
         let v = vol("a");
         backend.create_volume(&v, 4 * PAGE_BYTES);
-        let target = backend.open_target(&v).await.unwrap();
+        let target = backend.open_target(&v, &lease(1)).await.unwrap();
         backend.set_hook(|c| if c.op == MemoryOp::Write { HookAction::Hang } else { HookAction::Proceed });
         assert!(target.read(0, vec![0; 10]).await.is_ok());
         let write = target.write(0, vec![1; 10]);
@@ -785,7 +892,7 @@ mod tests {
         backend.track_unflushed(true);
         let v = vol("a");
         backend.create_volume(&v, 4 * PAGE_BYTES);
-        let target = backend.open_target(&v).await.unwrap();
+        let target = backend.open_target(&v, &lease(1)).await.unwrap();
         target.write(0, vec![1; 10]).await.unwrap();
         target.flush().await.unwrap();
         target.write(5, vec![2; 10]).await.unwrap();

@@ -11,6 +11,10 @@
 //!   a contiguous high-water mark committed after each extent, optional bandwidth limit and
 //!   verification with a whole-volume digest ([`volume_digest`]).
 //!
+//! Writes to a target are fenced: each handle writes under a [`WriterLease`] and a backend refuses
+//! writes under a lease older than the newest it has admitted (see the backend module's
+//! contract).
+//!
 //! The backend trait names no implementation; the engine knows only the trait.
 
 mod backend;
@@ -22,6 +26,8 @@ mod zero;
 
 pub use backend::{BackendError, BackendResult, CopyBackend, ReadVolume, VolumeRef, WriteVolume};
 pub use engine::{volume_digest, CopyEngine, VolumeDigest, INLINE_HASH_MAX_BYTES};
-pub use file::{FileBackend, SnapshotMethod};
+pub use file::{FileBackend, SnapshotMethod, WRITER_LOCK_WAIT};
 pub use memory::{HookAction, MemoryBackend, MemoryCall, MemoryOp, PAGE_BYTES};
 pub use zero::is_zero;
+
+pub use crate::model::WriterLease;

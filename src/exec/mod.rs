@@ -6,6 +6,10 @@
 //! A step must stop early, at a safe point, when its [`StopToken`] is cancelled (for a copy:
 //! at the next block), and leave in `progress` only what is durable.
 //!
+//! A run writes only under its [`Licence`]: the claim's [`WriterLease`] (which the storage checks)
+//! and the runner's [`LocalLease`] on its session (which the run checks before every write, so
+//! that a runner cut off from ZooKeeper stops writing before its claim can pass to another).
+//!
 //! The copy engine is the crate's real executor; [`SimulatedExecutor`] stands in for it in tests
 //! of the cluster's behaviour, where what matters is steps, stops and resumes, not bytes.
 
@@ -13,7 +17,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::model::{Task, TaskProgress};
+use crate::lease::LocalLease;
+use crate::model::{Task, TaskProgress, WriterLease};
 
 pub use tokio_util::sync::CancellationToken as StopToken;
 
@@ -28,6 +33,62 @@ pub enum ExecError {
     /// fails with this reason.
     #[error("{0}")]
     Permanent(String),
+    /// The run's licence is gone: the storage admitted a newer writer, or the local lease lapsed.
+    /// The controller stops the run at once and writes nothing under this claim until it has
+    /// confirmed it again (or drops the task).
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+/// What a run may write under: the claim's writer lease and the runner's local lease on the
+/// session that holds the claim. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Licence {
+    lease: WriterLease,
+    local: LocalLease,
+    generation: u64,
+}
+
+impl Licence {
+    /// A licence for writes under `lease` while `local` is valid for session `generation`.
+    pub fn new(lease: WriterLease, local: LocalLease, generation: u64) -> Self {
+        Licence { lease, local, generation }
+    }
+
+    /// A licence whose local lease never lapses: for runs no session guards (tests, one-shot
+    /// copies). The storage still fences by `lease`.
+    pub fn unlimited(lease: WriterLease) -> Self {
+        Licence { lease, local: LocalLease::unlimited(), generation: 0 }
+    }
+
+    /// The writer lease the storage checks.
+    pub fn lease(&self) -> &WriterLease {
+        &self.lease
+    }
+
+    /// The local lease.
+    pub fn local(&self) -> &LocalLease {
+        &self.local
+    }
+
+    /// The session generation the claim belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// `Ok` while writes are allowed; [`ExecError::Fenced`] once the local lease has lapsed.
+    /// Reads the clock at the call: call it right before each write.
+    pub fn check(&self) -> Result<(), ExecError> {
+        if self.local.is_valid(self.generation) {
+            Ok(())
+        } else {
+            Err(ExecError::Fenced(format!(
+                "the local lease on the session lapsed (no answer from the coordination service in time); {} may \
+                 no longer write",
+                self.lease
+            )))
+        }
+    }
 }
 
 /// What a step achieved.
@@ -44,8 +105,14 @@ pub enum Step {
 #[async_trait]
 pub trait TaskExecutor: Send + Sync + 'static {
     /// Prepares a run of `task` resuming from `progress` (which it may update, for instance with
-    /// the source snapshot it chose: the controller commits it before the first step).
-    async fn start(&self, task: &Task, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, ExecError>;
+    /// the source snapshot it chose: the controller commits it before the first step). The run
+    /// writes only under `licence`.
+    async fn start(
+        &self,
+        task: &Task,
+        licence: &Licence,
+        progress: &mut TaskProgress,
+    ) -> Result<Box<dyn TaskRun>, ExecError>;
 }
 
 /// One run of one task on one runner.
@@ -88,7 +155,12 @@ impl Default for SimulatedExecutor {
 
 #[async_trait]
 impl TaskExecutor for SimulatedExecutor {
-    async fn start(&self, _task: &Task, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, ExecError> {
+    async fn start(
+        &self,
+        _task: &Task,
+        licence: &Licence,
+        progress: &mut TaskProgress,
+    ) -> Result<Box<dyn TaskRun>, ExecError> {
         let total = self.steps * self.unit_bytes;
         if progress.total_bytes.is_some_and(|t| t != total) {
             return Err(ExecError::Permanent(format!(
@@ -97,7 +169,12 @@ impl TaskExecutor for SimulatedExecutor {
             )));
         }
         progress.total_bytes = Some(total);
-        Ok(Box::new(SimulatedRun { total, step_duration: self.step_duration, unit_bytes: self.unit_bytes }))
+        Ok(Box::new(SimulatedRun {
+            total,
+            step_duration: self.step_duration,
+            unit_bytes: self.unit_bytes,
+            licence: licence.clone(),
+        }))
     }
 }
 
@@ -105,6 +182,7 @@ struct SimulatedRun {
     total: u64,
     step_duration: Duration,
     unit_bytes: u64,
+    licence: Licence,
 }
 
 #[async_trait]
@@ -117,6 +195,8 @@ impl TaskRun for SimulatedRun {
             _ = stop.cancelled() => return Ok(Step::More),
             _ = tokio::time::sleep(self.step_duration) => {}
         }
+        // The "write" of this step.
+        self.licence.check()?;
         let unit = self.unit_bytes.min(self.total - progress.cursor_bytes);
         progress.cursor_bytes += unit;
         progress.counters.bytes_copied += unit;

@@ -9,6 +9,7 @@
 mod cluster;
 mod error;
 mod id;
+mod lease;
 mod state;
 mod task;
 mod window;
@@ -16,9 +17,11 @@ mod window;
 pub use cluster::{check_service_name, check_vip_address, RunnerInfo, VipConfig, MAX_VIPS_PER_SERVICE};
 pub use error::ModelError;
 pub use id::{NodeId, SnapshotId, TaskId, VolumeId, MAX_NAME_BYTES};
+pub use lease::WriterLease;
 pub use state::{Change, DesiredState, TaskState, TaskStatus, TRANSITIONS};
 pub use task::{
     CopyOptions, CopyVolumeSpec, ProgressCounters, RecordVersions, Task, TaskControl, TaskProgress, TaskSpec, Verify,
-    DEFAULT_BLOCKS_IN_FLIGHT, DEFAULT_BLOCK_SIZE_BYTES, DEFAULT_EXTENT_SIZE_BYTES, MAX_HOSTS,
+    DEFAULT_BLOCKS_IN_FLIGHT, DEFAULT_BLOCK_SIZE_BYTES, DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_INTERVAL_MS,
+    DEFAULT_EXTENT_SIZE_BYTES, MAX_HOSTS,
 };
 pub use window::{time_zone, RunWindow, TimeOfDay};

@@ -15,6 +15,12 @@ pub const DEFAULT_EXTENT_SIZE_BYTES: u64 = 256 << 20;
 pub const DEFAULT_BLOCK_SIZE_BYTES: u32 = 64 << 10;
 /// Default number of blocks read or written concurrently by one copy.
 pub const DEFAULT_BLOCKS_IN_FLIGHT: u32 = 16;
+/// Default checkpoint size: progress is committed at least every this many bytes of the volume
+/// walked, inside an extent too (64 MiB).
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Default checkpoint interval: progress is committed at least this often while a copy runs
+/// (10 s).
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 10_000;
 /// Most hosts a volume endpoint may list.
 pub const MAX_HOSTS: usize = 16;
 
@@ -124,6 +130,11 @@ pub struct CopyOptions {
     pub verify: Option<Verify>,
     /// With no base snapshot: read the target and write only blocks that differ.
     pub target_diff: bool,
+    /// A step (and so a progress commit) ends at least every this many bytes of the volume
+    /// walked, inside an extent too; a multiple of `block_size_bytes`. Default 64 MiB.
+    pub checkpoint_bytes: u64,
+    /// A step ends at least this often, in milliseconds, 100 to 3,600,000. Default 10 s.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for CopyOptions {
@@ -135,6 +146,8 @@ impl Default for CopyOptions {
             bandwidth_limit_bytes_per_second: None,
             verify: None,
             target_diff: false,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
+            checkpoint_interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
         }
     }
 }
@@ -163,6 +176,21 @@ impl CopyOptions {
                 "blocks_in_flight",
                 self.blocks_in_flight.to_string(),
                 "must be 1 to 1024",
+            ));
+        }
+        let checkpoint = self.checkpoint_bytes;
+        if checkpoint == 0 || checkpoint % u64::from(block) != 0 {
+            return Err(ModelError::invalid(
+                "checkpoint_bytes",
+                checkpoint.to_string(),
+                "must be a non-zero multiple of block_size_bytes",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.checkpoint_interval_ms) {
+            return Err(ModelError::invalid(
+                "checkpoint_interval_ms",
+                self.checkpoint_interval_ms.to_string(),
+                "must be 100 to 3600000",
             ));
         }
         if self.bandwidth_limit_bytes_per_second == Some(0) {

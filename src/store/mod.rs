@@ -74,6 +74,7 @@ pub struct TaskLock {
     id: TaskId,
     runner: NodeId,
     fence: Fence,
+    epoch: u64,
     progress_version: Version,
 }
 
@@ -91,6 +92,17 @@ impl TaskLock {
     /// The claim node, as a fence for writes made under it.
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    /// The claim's epoch: the claim node's creation zxid, which grows with every claim of any
+    /// task. The storage fences target writes by it (see [`WriterLease`](crate::model::WriterLease)).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The writer lease of this claim.
+    pub fn lease(&self) -> crate::model::WriterLease {
+        crate::model::WriterLease::new(self.id, self.epoch)
     }
 }
 
@@ -333,24 +345,27 @@ impl TaskStore {
         let Some(first) = names.first().map(|name| format!("{locks}/{name}")) else {
             return Err(StoreError::Coord(CoordError::NoNode { path: ours.to_string() }));
         };
-        let owner = if first == ours {
-            Some(first)
+        let (owner, epoch) = if first == ours {
+            match self.coord.exists(ours).await? {
+                Some(stat) => (first, stat.czxid as u64),
+                None => return Err(StoreError::Coord(CoordError::NoNode { path: ours.to_string() })),
+            }
         } else {
             match self.coord.get(&first).await {
                 Ok((data, stat))
                     if stat.ephemeral_owner == self.coord.session_id() && node_id(&data).as_ref() == Some(runner) =>
                 {
                     let _ = self.coord.delete(ours, None).await;
-                    Some(first)
+                    (first, stat.czxid as u64)
                 }
                 Ok((data, _)) => return Err(StoreError::Claimed { id: *id, holder: node_id(&data) }),
                 Err(CoordError::NoNode { .. }) => return Err(StoreError::Claimed { id: *id, holder: None }),
                 Err(e) => return Err(e.into()),
             }
         };
-        let fence = Fence::new(owner.expect("owner is set"));
+        let fence = Fence::new(owner);
         let (_, progress_version) = self.read::<TaskProgress>(&layout::progress(id)).await?;
-        Ok(TaskLock { id: *id, runner: runner.clone(), fence, progress_version })
+        Ok(TaskLock { id: *id, runner: runner.clone(), fence, epoch, progress_version })
     }
 
     /// Gives a claim up. A claim already gone (session expired) is not an error.

@@ -397,11 +397,11 @@ mod tests {
         let key = ClusterKey::derive(b"0123456789abcdef");
         let (mut client, mut server) = pair();
         let newer = async {
-            client.send(Bytes::from_static(&[3, 0, 3])).await.unwrap();
+            client.send(Bytes::from_static(&[9, 0, 9])).await.unwrap();
             receive::<_, ServerMessage>(&mut client, LIMIT).await.unwrap()
         };
         let (answer, s) = tokio::join!(newer, server_handshake(&mut server, &key, LIMIT));
         assert!(matches!(answer, ServerMessage::Refused { ref reason } if reason.contains("version")), "{answer:?}");
-        assert!(matches!(s, Err(HandshakeError::Wire(WireError::Version(3)))));
+        assert!(matches!(s, Err(HandshakeError::Wire(WireError::Version(9)))));
     }
 }

@@ -12,8 +12,9 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 use crate::api::{PeerReply, PeerRequest};
 
 /// The protocol version: the first byte of every frame, and the `version` of [`ClientMessage::Hello`].
-/// Version 2 added the tag to every frame after the handshake.
-pub(super) const PROTOCOL_VERSION: u8 = 2;
+/// Version 2 added the tag to every frame after the handshake; version 3 the checkpoint settings
+/// of copy options.
+pub(super) const PROTOCOL_VERSION: u8 = 3;
 
 /// Length of the authentication tag that ends every frame after the handshake (see `auth`).
 pub(super) const TAG_BYTES: usize = 32;
@@ -170,9 +171,9 @@ mod tests {
 
     #[test]
     fn the_hello_layout_is_fixed() {
-        // Version byte, variant 0, version, then the 32 nonce bytes: what any v2 peer sends.
-        let bytes = encode(&ClientMessage::Hello { version: 2, client_nonce: [0xAB; 32] }, LIMIT).unwrap();
-        let mut expected = vec![2, 0, 2];
+        // Version byte, variant 0, version, then the 32 nonce bytes: what any v3 peer sends.
+        let bytes = encode(&ClientMessage::Hello { version: 3, client_nonce: [0xAB; 32] }, LIMIT).unwrap();
+        let mut expected = vec![3, 0, 3];
         expected.extend([0xAB; 32]);
         assert_eq!(&bytes[..], &expected[..]);
     }
@@ -182,8 +183,8 @@ mod tests {
         let good = encode(&ClientMessage::Request(Frame { id: 1, body: PeerRequest::Ping }), LIMIT).unwrap();
         assert_eq!(decode::<ClientMessage>(&[]), Err(WireError::Empty));
         let mut other_version = good.to_vec();
-        other_version[0] = 3;
-        assert_eq!(decode::<ClientMessage>(&other_version), Err(WireError::Version(3)));
+        other_version[0] = PROTOCOL_VERSION + 1;
+        assert_eq!(decode::<ClientMessage>(&other_version), Err(WireError::Version(PROTOCOL_VERSION + 1)));
         let mut trailing = good.to_vec();
         trailing.push(0);
         assert!(matches!(decode::<ClientMessage>(&trailing), Err(WireError::Malformed(_))));
