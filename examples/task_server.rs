@@ -87,6 +87,20 @@ struct Args {
     /// Simulated work: duration of one step.
     #[arg(long)]
     sim_step_ms: Option<u64>,
+    /// Threads of the data-plane runtime that copies run on (default 2).
+    #[arg(long)]
+    data_threads: Option<usize>,
+    /// Deadline of one executor call (start, step, finish); past it the call is abandoned as a
+    /// temporary failure (default 900000).
+    #[arg(long)]
+    step_timeout_ms: Option<u64>,
+    /// How long a copy may take to stop after pause, cancel, shutdown or its window's end before
+    /// its step is abandoned (default 2000).
+    #[arg(long)]
+    stop_timeout_ms: Option<u64>,
+    /// Temporary failures in a row after which a task fails (default 10).
+    #[arg(long)]
+    temporary_failure_limit: Option<u32>,
 }
 
 impl Args {
@@ -108,6 +122,10 @@ impl Args {
             sweep_interval_ms: self.sweep_interval_ms.or(file.sweep_interval_ms),
             no_vips: self.no_vips || file.no_vips,
             vip_check_interval_ms: self.vip_check_interval_ms.or(file.vip_check_interval_ms),
+            data_threads: self.data_threads.or(file.data_threads),
+            step_timeout_ms: self.step_timeout_ms.or(file.step_timeout_ms),
+            stop_timeout_ms: self.stop_timeout_ms.or(file.stop_timeout_ms),
+            temporary_failure_limit: self.temporary_failure_limit.or(file.temporary_failure_limit),
             arp_rounds: self.arp_rounds.or(file.arp_rounds),
             arp_interval_ms: self.arp_interval_ms.or(file.arp_interval_ms),
             arp_refresh_ms: self.arp_refresh_ms.or(file.arp_refresh_ms),
@@ -151,6 +169,18 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if let Some(interval) = args.sweep_interval_ms {
         builder = builder.sweep_interval_ms(interval);
+    }
+    if let Some(threads) = args.data_threads {
+        builder = builder.data_threads(threads);
+    }
+    if let Some(timeout) = args.step_timeout_ms {
+        builder = builder.step_timeout_ms(timeout);
+    }
+    if let Some(timeout) = args.stop_timeout_ms {
+        builder = builder.stop_timeout_ms(timeout);
+    }
+    if let Some(limit) = args.temporary_failure_limit {
+        builder = builder.temporary_failure_limit(limit);
     }
     let mut vips = VipSettings { enabled: !args.no_vips, ..VipSettings::default() };
     if let Some(ms) = args.vip_check_interval_ms {

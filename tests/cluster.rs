@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use common::node::{example_binary, NodeConfig, NodeProcess};
 use common::tasks::{wait_state, wait_task};
+use common::writers::WriterWatch;
 use common::{init_tracing, shared_zk, step, unique_chroot, wait_status, within, Proxy, ZkServer};
 use futures::StreamExt;
 use task_center::actors::{current_leader, LeaderInfo};
@@ -1466,6 +1467,7 @@ async fn kill_9_a_runner_mid_copy_and_the_copy_is_exact() {
         let mut nodes = start_nodes(&configs).await;
         observer.wait_runners(3).await;
         observer.wait_leader("a leader", |_| true).await;
+        let writers = WriterWatch::start(nodes.iter().map(|n| n.pid()).collect(), vec![backend.volume_path(&target)]);
 
         // A full copy; killed after its first committed extent.
         let address = nodes[0].address().to_string();
@@ -1489,7 +1491,7 @@ async fn kill_9_a_runner_mid_copy_and_the_copy_is_exact() {
             "the copy was not mid-way at the kill: cursor {} of {VOLUME_BYTES}",
             committed.cursor_bytes
         );
-        assert_eq!(committed.cursor_bytes % EXTENT_BYTES, 0, "the cursor is committed at extent boundaries");
+        assert_eq!(committed.cursor_bytes % BLOCK_BYTES, 0, "the cursor is committed at block boundaries");
         let rerun =
             wait_task(observer.coord(), id, COPY_WAIT, |s| s.state == TaskState::Running && s.attempts == 2).await;
         assert_ne!(rerun.runner.as_ref().map(|r| r.as_str()), Some(victim.as_str()), "resumed on the dead runner");
@@ -1545,6 +1547,7 @@ async fn kill_9_a_runner_mid_copy_and_the_copy_is_exact() {
         assert_eq!(counters.bytes_copied, expected.changed_blocks * BLOCK_BYTES, "only changed blocks are sent");
         assert_eq!(counters.bytes_skipped_unchanged, expected.unchanged_blocks * BLOCK_BYTES, "{counters:?}");
         assert_ne!(expected.digest, first.progress.digest, "the source did change");
+        assert_one_writer(&writers, &backend.volume_path(&target), 2);
         assert_accounted(&observer, &[first, second]).await;
         assert!(log.gaps().is_empty(), "the observer's watch missed events: {:?}", log.gaps());
     })
@@ -1554,4 +1557,177 @@ async fn kill_9_a_runner_mid_copy_and_the_copy_is_exact() {
 /// The writer lease tests write volumes under, outside any task.
 fn setup_lease() -> task_center::model::WriterLease {
     task_center::model::WriterLease::new(task_center::model::TaskId::from_bytes([0; 16]), 1)
+}
+
+/// "At most one writer per target volume at any instant", sampled from outside (see
+/// [`WriterWatch`]); and at least `writers` processes were seen writing it over the scenario
+/// (the watch saw the copies at all).
+fn assert_one_writer(watch: &WriterWatch, volume: &std::path::Path, writers: usize) {
+    let overlaps = watch.overlaps();
+    assert!(
+        overlaps.is_empty(),
+        "two processes wrote {} at once: {:?}",
+        volume.display(),
+        &overlaps[..overlaps.len().min(5)]
+    );
+    let seen = watch.writers(volume);
+    assert!(
+        seen.len() >= writers,
+        "{} writers of {} seen in {} samples: {seen:?}",
+        seen.len(),
+        volume.display(),
+        watch.samples()
+    );
+}
+
+/// Compares two image files byte for byte; panics naming the first byte that differs.
+async fn assert_same_bytes(a: std::path::PathBuf, b: std::path::PathBuf) {
+    let compare = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let open = |p: &std::path::Path| std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+        let (mut x, mut y) = (open(&a), open(&b));
+        assert_eq!(
+            x.metadata().unwrap().len(),
+            y.metadata().unwrap().len(),
+            "{} and {}: sizes",
+            a.display(),
+            b.display()
+        );
+        let (mut bx, mut by) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+        let mut offset = 0u64;
+        loop {
+            let n = x.read(&mut bx).unwrap();
+            if n == 0 {
+                return;
+            }
+            y.read_exact(&mut by[..n]).unwrap();
+            if bx[..n] != by[..n] {
+                let at = bx[..n].iter().zip(&by[..n]).position(|(p, q)| p != q).unwrap() as u64;
+                panic!("{} differs from {} at byte {}", b.display(), a.display(), offset + at);
+            }
+            offset += n as u64;
+        }
+    });
+    within(COPY_WAIT, "compare two snapshots", compare).await.expect("the comparison");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. A runner partitioned from ZooKeeper in the middle of a copy step longer than its session
+
+/// Payload per second of the partitioned copy: 8 MiB of data per 32 MiB extent take 2 s, as
+/// long as the partitioned node's session timeout, so the partition falls inside a step.
+const SLOW_BYTES_PER_SECOND: u64 = 4 << 20;
+/// The partitioned node's session timeout.
+const CUT_SESSION_MS: u64 = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_writer_never_writes_again_and_every_copy_is_exact() {
+    init_tracing();
+    within(COPY_CASE, "a partitioned writer", async {
+        let zk = shared_zk();
+        let chroot = unique_chroot("partitioned-writer");
+        let connect = zk.connect_string(&chroot);
+        let proxy = Proxy::start(zk.port());
+        let observer = Observer::connect(&connect).await;
+        let log = TaskLog::start(&observer).await;
+        let volumes = tempfile::Builder::new().prefix("tc-volumes-").tempdir().expect("temp dir");
+        let backend = FileBackend::new(volumes.path());
+        let source = volume_ref(SOURCE_HOST, "vm-disk-2");
+        let target = volume_ref(TARGET_HOST, "vm-disk-2-copy");
+        let (decoy_source, decoy_target) = (volume_ref(SOURCE_HOST, "decoy"), volume_ref(TARGET_HOST, "decoy-copy"));
+        for volume in [&source, &target, &decoy_source, &decoy_target] {
+            step("create a volume", backend.create_volume(volume, VOLUME_BYTES)).await.expect("create a volume");
+        }
+        let mut rng = XorShift(0xfe7c_ed01);
+        let runs = step("write the source", scatter_source(&backend, &source, &mut rng)).await;
+        step("write the decoy", scatter_source(&backend, &decoy_source, &mut rng)).await;
+
+        // n1 leads; n2 reaches ZooKeeper through the proxy, with a short session.
+        let mut nodes = start_nodes(&[copy_node_config("n1", &connect, volumes.path())]).await;
+        observer.wait_leader("n1 leads", |l| l.node.as_str() == "n1").await;
+        let cut = NodeConfig {
+            session_timeout_ms: Some(CUT_SESSION_MS),
+            ..copy_node_config("n2", &proxy.connect_string(&chroot), volumes.path())
+        };
+        nodes.extend(start_nodes(&[cut]).await);
+        observer.wait_runners(2).await;
+        let writers = WriterWatch::start(nodes.iter().map(|n| n.pid()).collect(), vec![backend.volume_path(&target)]);
+        let n1 = node(&mut nodes, "n1").address().to_string();
+
+        // The decoy takes n1's first slot (least loaded first, then by name), so the copy goes
+        // to n2.
+        let decoy = ClientRequest::Create {
+            id: TaskId::generate(),
+            spec: copy_spec(&decoy_source, &decoy_target, None),
+            run_window: None,
+        };
+        let decoy = observer.task_request(&n1, decoy).await;
+        wait_state(observer.coord(), decoy.id, TaskState::Running, WAIT).await;
+        let mut spec = copy_spec(&source, &target, None);
+        let TaskSpec::CopyVolume(copy) = &mut spec;
+        copy.options.bandwidth_limit_bytes_per_second = Some(SLOW_BYTES_PER_SECOND);
+        copy.options.checkpoint_bytes = EXTENT_BYTES;
+        copy.options.checkpoint_interval_ms = 60_000;
+        let create = ClientRequest::Create { id: TaskId::generate(), spec, run_window: None };
+        let first = observer.task_request(&n1, create).await;
+        let id = first.id;
+        let running = wait_state(observer.coord(), id, TaskState::Running, WAIT).await;
+        assert_eq!(running.runner.as_ref().map(|r| r.as_str()), Some("n2"), "{running:?}");
+        observer.wait_progress(id, "n2 commits an extent", |p| p.cursor_bytes >= EXTENT_BYTES).await;
+        let (claim, _) = observer.claim(id).await.expect("a running task is claimed");
+        let mark = node(&mut nodes, "n2").stderr_mark();
+
+        // Cut n2 off in the middle of a step; its session expires, and n1 takes the copy over.
+        tokio::task::block_in_place(|| proxy.block());
+        observer.wait_node(&claim, "n2's session expires", |s| s.is_none()).await;
+        let rerun =
+            wait_task(observer.coord(), id, COPY_WAIT, |s| s.state == TaskState::Running && s.attempts == 2).await;
+        assert_eq!(rerun.runner.as_ref().map(|r| r.as_str()), Some("n1"), "{rerun:?}");
+        observer.wait_progress(id, "n1 writes", |p| p.updated_at_ms > 0 && p.cursor_bytes > 2 * EXTENT_BYTES).await;
+        tokio::task::block_in_place(|| proxy.unblock());
+        wait_state(observer.coord(), id, TaskState::Succeeded, COPY_WAIT).await;
+        let first = observer.task(id).await;
+        let expected = check_copy_task(&backend, &source, &target, &first, None).await;
+        assert_copy_exact(&backend, &target, &first, &expected).await;
+        log.assert_handover(id, &claim);
+
+        // n2 stopped writing on its own, before its session could expire: its local lease
+        // lapsed (half its session after the last answer) and every later write was refused.
+        let said = node(&mut nodes, "n2").stderr_since(mark);
+        let lapses = said.iter().filter(|l| l.contains("local lease lapsed")).count();
+        assert!(lapses >= 1, "n2 never noticed its lease lapse: {said:#?}");
+        assert!(node(&mut nodes, "n2").is_alive(), "the partitioned node died");
+
+        // Two incremental copies on top, each against the one before: n2 is back and may run them.
+        let mut tasks = vec![first];
+        for _ in 0..2 {
+            step("change the source", change_source(&backend, &source, &runs, &mut rng)).await;
+            let base = CopyEngine::snapshot_name(&tasks.last().unwrap().id);
+            let spec = copy_spec(&source, &target, Some(base.clone()));
+            let create = ClientRequest::Create { id: TaskId::generate(), spec, run_window: None };
+            let next = observer.task_request(&n1, create).await;
+            wait_state(observer.coord(), next.id, TaskState::Succeeded, COPY_WAIT).await;
+            let next = observer.task(next.id).await;
+            let expected = check_copy_task(&backend, &source, &target, &next, Some(&base)).await;
+            assert_copy_exact(&backend, &target, &next, &expected).await;
+            tasks.push(next);
+        }
+        // Every target snapshot equals its source snapshot, byte for byte, at the end: no late
+        // write landed in any of them.
+        for task in &tasks {
+            let name = CopyEngine::snapshot_name(&task.id);
+            assert_same_bytes(backend.snapshot_path(&source, &name), backend.snapshot_path(&target, &name)).await;
+        }
+        // The volume's newest admitted lease is the last copy's claim.
+        let newest = backend.newest_lease(&target).await.expect("read the lease").expect("a lease");
+        assert_eq!(newest.task, tasks.last().unwrap().id);
+        assert_one_writer(&writers, &backend.volume_path(&target), 2);
+        log.assert_cursor_never_back(id, None);
+        wait_state(observer.coord(), decoy.id, TaskState::Succeeded, COPY_WAIT).await;
+        let decoy = observer.task(decoy.id).await;
+        tasks.push(decoy);
+        assert_accounted(&observer, &tasks).await;
+        assert!(log.gaps().is_empty(), "the observer's watch missed events: {:?}", log.gaps());
+    })
+    .await;
 }

@@ -28,7 +28,8 @@
 //!   the lease before each write), and the controller waits for the same session to answer
 //!   again and confirms that its claim still exists before it writes again.
 //! - **Panics** are caught: a temporary failure with the panic's message, retried with backoff
-//!   like any other, and after [`MAX_TEMPORARY_FAILURES`] the task fails with it as its reason.
+//!   like any other, and after the limit of temporary failures in a row (by default
+//!   [`MAX_TEMPORARY_FAILURES`]) the task fails with it as its reason.
 //! - **Fenced by the storage** (it admitted a newer writer lease): if the claim is gone, the task
 //!   is dropped (its new owner goes on); if the claim is still ours, another task holds the
 //!   volume and the task fails with the storage's reason.
@@ -50,7 +51,8 @@ use crate::model::{Change, DesiredState, Task, TaskControl, TaskProgress, TaskSt
 use crate::schedule::{Schedule, WindowCheck};
 use crate::store::{layout, StoreError, TaskLock, TaskStore};
 
-/// Temporary executor failures tolerated in a row before the task fails.
+/// Temporary executor failures tolerated in a row before the task fails, by default (see
+/// [`TaskCenterBuilder::temporary_failure_limit`](crate::TaskCenterBuilder::temporary_failure_limit)).
 pub const MAX_TEMPORARY_FAILURES: u32 = 10;
 /// Attempts to commit one checkpoint while the coordination service is unreachable.
 pub const MAX_COMMIT_ATTEMPTS: u32 = 20;
@@ -96,6 +98,8 @@ pub(crate) struct DriveSettings {
     pub step_timeout: Duration,
     /// A call still running this long after a stop was asked is aborted.
     pub stop_timeout: Duration,
+    /// Temporary failures in a row after which the task fails.
+    pub failure_limit: u32,
 }
 
 /// One task's controller. See the module docs.
@@ -342,13 +346,13 @@ impl Drive {
                 }
                 continue;
             }
-            let current = match run.take() {
-                Some(current) => current,
-                None => match self.open(&mut progress, until_ms).await {
-                    Ok(Some(current)) => current,
-                    Ok(None) => continue,
+            let Some(current) = run.take() else {
+                match self.open(&mut progress, until_ms).await {
+                    // Back to the top: a stop or a window change may have come meanwhile.
+                    Ok(opened) => run = opened,
                     Err(end) => return end,
-                },
+                }
+                continue;
             };
             let step = self.step(current, progress.clone(), until_ms).await;
             let failure = match step {
@@ -388,7 +392,7 @@ impl Drive {
     /// Counts a temporary failure and waits before the next try (a stop cuts the wait short);
     /// fails the task once there were too many in a row.
     async fn temporary(&mut self, reason: String) -> Result<(), End> {
-        if self.failures >= MAX_TEMPORARY_FAILURES {
+        if self.failures >= self.settings.failure_limit {
             let progress = self.task.progress.clone();
             return Err(self.fail(&progress, ExecError::Temporary(reason)).await);
         }
@@ -510,6 +514,12 @@ impl Drive {
             }
         };
         tokio::pin!(closes);
+        // A stop asked before the call began (its change already seen) stops it at once.
+        let directive = self.directives.borrow().clone();
+        if directive.should_stop() || matches!(self.schedule.check(&directive.control), WindowCheck::Closed { .. }) {
+            token.cancel();
+            grace.as_mut().reset(tokio::time::Instant::now() + self.settings.stop_timeout);
+        }
         loop {
             let stopping = token.is_cancelled();
             tokio::select! {
@@ -541,6 +551,7 @@ impl Drive {
                         }
                     };
                     if stop {
+                        debug!(task = %self.task.id, "stop asked: the executor's call stops at its next safe point");
                         token.cancel();
                         grace.as_mut().reset(tokio::time::Instant::now() + self.settings.stop_timeout);
                     }
@@ -610,7 +621,10 @@ impl Drive {
                     }
                     return Ok(());
                 }
-                Err(e) if e.is_transient() => tokio::time::sleep(backoff(attempt)).await,
+                Err(e) if e.is_transient() => {
+                    debug!(task = %self.task.id, error = %e, attempt, "cannot write the task's records yet; retrying");
+                    tokio::time::sleep(backoff(attempt)).await
+                }
                 Err(e) => return Err(self.lost(e).await),
             }
         }
@@ -627,7 +641,10 @@ impl Drive {
                     self.task.progress = progress;
                     return Ok(());
                 }
-                Err(e) if e.is_transient() => tokio::time::sleep(backoff(attempt)).await,
+                Err(e) if e.is_transient() => {
+                    debug!(task = %self.task.id, error = %e, attempt, "cannot write the task's records yet; retrying");
+                    tokio::time::sleep(backoff(attempt)).await
+                }
                 Err(e) => return Err(self.lost(e).await),
             }
         }
@@ -647,7 +664,7 @@ impl Drive {
 
     async fn fail(&mut self, progress: &TaskProgress, e: ExecError) -> End {
         let reason = match e {
-            ExecError::Temporary(r) => format!("gave up after {MAX_TEMPORARY_FAILURES} temporary failures: {r}"),
+            ExecError::Temporary(r) => format!("gave up after {} temporary failures: {r}", self.failures),
             ExecError::Permanent(r) | ExecError::Fenced(r) => r,
         };
         warn!(task = %self.task.id, %reason, "task failed");
@@ -664,7 +681,10 @@ impl Drive {
                     let _ = self.store.release(self.lock.clone()).await;
                     return End::Moved(to);
                 }
-                Err(e) if e.is_transient() => tokio::time::sleep(backoff(attempt)).await,
+                Err(e) if e.is_transient() => {
+                    debug!(task = %self.task.id, error = %e, attempt, "cannot write the task's records yet; retrying");
+                    tokio::time::sleep(backoff(attempt)).await
+                }
                 Err(e) => return self.lost(e).await,
             }
         }

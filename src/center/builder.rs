@@ -67,6 +67,7 @@ pub struct TaskCenterBuilder {
     pub(super) data_threads: usize,
     pub(super) step_timeout_ms: u64,
     pub(super) stop_timeout_ms: u64,
+    pub(super) temporary_failure_limit: u32,
 }
 
 /// Default number of tasks one runner runs at once.
@@ -114,6 +115,7 @@ impl Default for TaskCenterBuilder {
             data_threads: DEFAULT_DATA_THREADS,
             step_timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
+            temporary_failure_limit: crate::actors::controller::MAX_TEMPORARY_FAILURES,
         }
     }
 }
@@ -270,6 +272,14 @@ impl TaskCenterBuilder {
         self
     }
 
+    /// Temporary failures of a task's run in a row (a backend unreachable, a panic, a call past
+    /// its deadline) after which the task fails with the last one's reason, 1 to 1 000; each is
+    /// retried with backoff (100 ms doubling to 10 s) from the last checkpoint. Default 10.
+    pub fn temporary_failure_limit(mut self, limit: u32) -> Self {
+        self.temporary_failure_limit = limit;
+        self
+    }
+
     /// Validates every setting and returns the node, ready to [`start`](TaskCenter::start).
     pub fn build(self) -> Result<TaskCenter, ConfigError> {
         let node_id = self.node_id.clone().ok_or(ConfigError::Missing { field: "node_id" })?;
@@ -290,6 +300,7 @@ impl TaskCenterBuilder {
         range("data_threads", self.data_threads as u64, 1, 64)?;
         range("step_timeout_ms", self.step_timeout_ms, 1_000, 86_400_000)?;
         range("stop_timeout_ms", self.stop_timeout_ms, 10, 600_000)?;
+        range("temporary_failure_limit", u64::from(self.temporary_failure_limit), 1, 1_000)?;
         range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
         range("vips arp_rounds", u64::from(self.vips.arp_rounds), 0, 1_000)?;
         range("vips arp_interval", self.vips.arp_interval.as_millis() as u64, 10, 3_600_000)?;
@@ -334,6 +345,7 @@ impl TaskCenterBuilder {
             data_threads: self.data_threads,
             step_timeout_ms: self.step_timeout_ms,
             stop_timeout_ms: self.stop_timeout_ms,
+            temporary_failure_limit: self.temporary_failure_limit,
         })
     }
 }

@@ -97,6 +97,7 @@ pub struct TaskCenter {
     data_threads: usize,
     step_timeout_ms: u64,
     stop_timeout_ms: u64,
+    temporary_failure_limit: u32,
 }
 
 /// Where a node stands.
@@ -293,6 +294,7 @@ async fn boot(
             data,
             step_timeout: Duration::from_millis(config.step_timeout_ms),
             stop_timeout: Duration::from_millis(config.stop_timeout_ms),
+            failure_limit: config.temporary_failure_limit,
         },
     })
     .start();

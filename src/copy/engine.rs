@@ -1659,3 +1659,22 @@ mod tests {
         assert_eq!(decode_hex("zz"), None);
     }
 }
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bandwidth_wait_ends_when_interrupted() {
+        let throttle = Throttle::new(1);
+        let stop = StopToken::new();
+        let later = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            later.cancel();
+        });
+        let started = Instant::now();
+        assert!(!throttle.acquire(64 << 10, &stop).await);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+}

@@ -12,6 +12,7 @@ pub mod node;
 pub mod proxy;
 pub mod reflinkfs;
 pub mod tasks;
+pub mod writers;
 pub mod zk;
 
 use std::future::Future;
