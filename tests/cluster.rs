@@ -1731,3 +1731,76 @@ async fn a_partitioned_writer_never_writes_again_and_every_copy_is_exact() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. Two tasks to one target, and a cancel inside a 1 B/s bandwidth wait
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tasks_to_one_target_queue_and_a_cancel_at_1_byte_per_second_takes_effect() {
+    init_tracing();
+    within(COPY_CASE, "two tasks to one target", async {
+        let connect = shared_zk().connect_string(&unique_chroot("one-target"));
+        let observer = Observer::connect(&connect).await;
+        let volumes = tempfile::Builder::new().prefix("tc-volumes-").tempdir().expect("temp dir");
+        let backend = FileBackend::new(volumes.path());
+        let (a, c) = (volume_ref(SOURCE_HOST, "vol-a"), volume_ref(SOURCE_HOST, "vol-c"));
+        let target = volume_ref(TARGET_HOST, "vol-d");
+        for volume in [&a, &c, &target] {
+            step("create a volume", backend.create_volume(volume, VOLUME_BYTES)).await.expect("create a volume");
+        }
+        let mut rng = XorShift(0x0e7a_39e1);
+        step("write vol-a", scatter_source(&backend, &a, &mut rng)).await;
+        step("write vol-c", scatter_source(&backend, &c, &mut rng)).await;
+        let configs: Vec<_> = ["n1", "n2"].iter().map(|n| copy_node_config(n, &connect, volumes.path())).collect();
+        let mut nodes = start_nodes(&configs).await;
+        observer.wait_runners(2).await;
+        observer.wait_leader("a leader", |_| true).await;
+        let writers = WriterWatch::start(nodes.iter().map(|n| n.pid()).collect(), vec![backend.volume_path(&target)]);
+        let address = node(&mut nodes, "n2").address().to_string();
+
+        // vol-a -> vol-d runs; vol-c -> vol-d, created while it runs, waits behind it.
+        let create = |source: &VolumeRef| ClientRequest::Create {
+            id: TaskId::generate(),
+            spec: copy_spec(source, &target, None),
+            run_window: None,
+        };
+        let first = observer.task_request(&address, create(&a)).await;
+        wait_state(observer.coord(), first.id, TaskState::Running, WAIT).await;
+        let second = observer.task_request(&address, create(&c)).await;
+        let queued = wait_task(observer.coord(), second.id, WAIT, |s| s.waiting.is_some()).await;
+        let note = queued.waiting.clone().unwrap();
+        assert!(note.contains(&first.id.to_string()) && note.contains("vol-d"), "{note}");
+        let shown = ok(taskctl(&address, SECRET, &["task", "show", &second.id.to_string()]), "task show");
+        assert!(shown.contains(&format!("queued behind task {}", first.id)), "{shown}");
+        wait_state(observer.coord(), first.id, TaskState::Succeeded, COPY_WAIT).await;
+        wait_state(observer.coord(), second.id, TaskState::Succeeded, COPY_WAIT).await;
+        let (first, second) = (observer.task(first.id).await, observer.task(second.id).await);
+        // Both exact: each target snapshot is its own source's snapshot.
+        for (task, source) in [(&first, &a), (&second, &c)] {
+            let name = CopyEngine::snapshot_name(&task.id);
+            assert_same_bytes(backend.snapshot_path(source, &name), backend.snapshot_path(&target, &name)).await;
+        }
+        let expected = check_copy_task(&backend, &c, &target, &second, None).await;
+        assert_copy_exact(&backend, &target, &second, &expected).await;
+        assert_one_writer(&writers, &backend.volume_path(&target), 1);
+
+        // A copy at 1 B/s waits for its bandwidth; a cancel ends the wait at once (within the
+        // stop timeout, 2 s, plus a commit: the guard leaves room for a loaded machine).
+        let mut spec = copy_spec(&a, &target, None);
+        let TaskSpec::CopyVolume(copy) = &mut spec;
+        copy.options.bandwidth_limit_bytes_per_second = Some(1);
+        let slow = observer
+            .task_request(&address, ClientRequest::Create { id: TaskId::generate(), spec, run_window: None })
+            .await;
+        wait_state(observer.coord(), slow.id, TaskState::Running, WAIT).await;
+        ok(taskctl(&address, SECRET, &["task", "cancel", &slow.id.to_string()]), "task cancel");
+        within(Duration::from_secs(10), "a cancel inside a bandwidth wait", async {
+            wait_state(observer.coord(), slow.id, TaskState::Canceled, WAIT).await
+        })
+        .await;
+        let slow = observer.task(slow.id).await;
+        assert_eq!(slow.progress.counters.bytes_copied, 0, "{:?}", slow.progress);
+        assert_accounted(&observer, &[first, second, slow]).await;
+    })
+    .await;
+}
