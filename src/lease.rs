@@ -10,12 +10,18 @@
 //! > that holds the claim, and it is then valid until `t + session_timeout / 2`.
 //!
 //! The server cannot have expired the session before `t + session_timeout`: it heard from the
-//! session at or after `t`. The half that is left is the margin for the **clock assumption**:
-//! the local monotonic clock and the server's clock advance at rates within a factor of two of
-//! each other, and a write issued before the lease ends reaches the disk within the rest (a write
-//! slower than that is what the backend's fencing catches: see the `copy` module's contract).
-//! The lease is renewed by a heartbeat (an `exists` of the chroot) every sixth of the session
-//! timeout, so a healthy runner never sees it lapse. A lapsed lease is not the end: if the same
+//! session at or after `t`. The half that is left is the margin for the **clock assumption** and
+//! for writes in flight, together: for instance, the local monotonic clock runs no slower than
+//! the server's by more than a factor of 1.5 (so the lease ends within `3/4` of the session
+//! timeout, server time) and a write issued before the lease ends reaches the disk within the
+//! last quarter. A write slower than that is what the backend's fencing catches (see the `copy`
+//! module's contract). The clock is the monotonic one, which stops while the machine is
+//! suspended: a host suspended with a lease is no safer than one frozen, and the backend's
+//! fencing covers both.
+//!
+//! The lease is renewed by heartbeats (an `exists` of the chroot) sent every sixth of the
+//! session timeout without waiting for earlier answers, so a healthy runner never sees it lapse,
+//! and one slow answer does not lapse it either. A lapsed lease is not the end: if the same
 //! session comes back, the next round trip renews it and the runner checks that its claim is
 //! still there before it writes again; if the session expired, its claims are gone and the runner
 //! drops its tasks.
@@ -23,6 +29,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
@@ -112,35 +119,58 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(100 * 365 * 86_400)
 }
 
+/// Heartbeats in flight at most: a slow answer does not hold up the next heartbeat.
+const MAX_HEARTBEATS_IN_FLIGHT: usize = 4;
+
 /// Keeps the local lease of a coordination handle's session: heartbeats, renewals, and lapses.
-/// Runs until `coord` is closed or every reader is gone.
+/// A heartbeat goes out every sixth of the session timeout whether or not the previous ones
+/// were answered, and any answer renews the lease from the time its request was sent (never
+/// moving the lease back), so one slow answer does not lapse a healthy runner. Runs until
+/// `coord` is closed or every reader is gone.
 pub async fn keep(coord: Arc<dyn Coordination>, lease: watch::Sender<LeaseState>) {
     let mut session = coord.subscribe();
+    let mut beats = FuturesUnordered::new();
+    let mut next_beat = Instant::now();
     loop {
         let status = *session.borrow_and_update();
         if status.state == SessionState::Closed {
             lease.send_replace(LeaseState { generation: status.generation, valid_until: None });
             return;
         }
-        let timeout = coord.session_timeout();
         if status.state == SessionState::Expired || status.generation != lease.borrow().generation {
             lease.send_replace(LeaseState { generation: status.generation, valid_until: None });
-        }
-        if status.state == SessionState::Connected {
-            let sent = Instant::now();
-            let answered = tokio::time::timeout(timeout / 3, coord.exists("/")).await;
-            let now = *session.borrow();
-            if matches!(answered, Ok(Ok(_))) && now.generation == status.generation {
-                lease.send_replace(LeaseState { generation: status.generation, valid_until: Some(sent + timeout / 2) });
-            } else {
-                debug!(generation = status.generation, "lease heartbeat got no answer");
-            }
         }
         if lease.is_closed() {
             return;
         }
+        let timeout = coord.session_timeout();
         tokio::select! {
-            _ = tokio::time::sleep((timeout / 6).max(MIN_HEARTBEAT)) => {}
+            _ = tokio::time::sleep_until(next_beat) => {
+                next_beat = Instant::now() + (timeout / 6).max(MIN_HEARTBEAT);
+                if status.state == SessionState::Connected && beats.len() < MAX_HEARTBEATS_IN_FLIGHT {
+                    let coord = coord.clone();
+                    beats.push(async move {
+                        let sent = Instant::now();
+                        let answered = tokio::time::timeout(timeout, coord.exists("/")).await;
+                        (status.generation, sent, matches!(answered, Ok(Ok(_))))
+                    });
+                }
+            }
+            Some((generation, sent, answered)) = beats.next() => {
+                let now = *session.borrow();
+                if answered && now.generation == generation && now.state != SessionState::Expired {
+                    let until = sent + timeout / 2;
+                    lease.send_if_modified(|state| {
+                        let renew = state.generation == generation && state.valid_until.is_none_or(|u| u < until);
+                        if renew {
+                            state.valid_until = Some(until);
+                        }
+                        renew
+                    });
+                } else if !answered {
+                    debug!(generation, "lease heartbeat got no answer");
+                }
+            }
             changed = session.changed() => if changed.is_err() { return },
         }
     }

@@ -627,7 +627,7 @@ mod wire {
 }
 
 /// The protocol version this client speaks: the first byte of every frame.
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 
 /// A request frame for `Ping`.
 fn ping(id: u64) -> wire::Frame<PeerRequest> {

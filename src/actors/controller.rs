@@ -17,8 +17,9 @@
 //! own, so that a slow, CPU-heavy, hung or panicking backend cannot starve the session or take
 //! the controller down:
 //!
-//! - **Deadline**: a call that has not returned after `step_timeout` is aborted and counts as a
-//!   temporary failure (a hung backend call).
+//! - **Deadline**: a call that has not returned after `step_timeout` (four times that for
+//!   `start` and `finish`, which take snapshots) is aborted and counts as a temporary failure (a
+//!   hung backend call).
 //! - **Stops preempt**: on pause, cancel, shutdown or the end of the run window the step's stop
 //!   token is cancelled (the copy stops at its next block and ends any wait for bandwidth); a
 //!   step still running `stop_timeout` later is aborted and the task stops from its last
@@ -31,8 +32,12 @@
 //!   like any other, and after the limit of temporary failures in a row (by default
 //!   [`MAX_TEMPORARY_FAILURES`]) the task fails with it as its reason.
 //! - **Fenced by the storage** (it admitted a newer writer lease): if the claim is gone, the task
-//!   is dropped (its new owner goes on); if the claim is still ours, another task holds the
-//!   volume and the task fails with the storage's reason.
+//!   is dropped (its new owner goes on); if the lease is valid and the claim is still ours,
+//!   another task holds the volume and the task fails with the storage's reason. With a lapsed
+//!   lease it is a lapse. A **busy** target (another writer still holds it) is waited for with
+//!   backoff, not counted as a failure.
+//! - The run, and with it the target, is let go whenever the controller waits: for the window,
+//!   for the lease, or on a commit during which the lease lapsed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -139,6 +144,7 @@ impl TaskController {
             licence,
             settings,
             failures: 0,
+            busy: 0,
         };
         TaskController { task, store, directive, abandon, drive: Some(drive) }
     }
@@ -243,6 +249,8 @@ struct Drive {
     settings: DriveSettings,
     /// Temporary failures in a row.
     failures: u32,
+    /// Waits for a busy target in a row (for the backoff; not a failure).
+    busy: u32,
 }
 
 /// How a drive ended, before it is reported.
@@ -266,6 +274,22 @@ enum Call<T> {
     /// The local lease lapsed; it was aborted at once.
     Lapsed,
 }
+
+/// What the drive does next after a call that did not move the task on.
+enum Next {
+    /// A temporary failure: counted, retried with backoff.
+    Retry(String),
+    /// The target is busy: retried with backoff, not counted.
+    Wait(String),
+    /// Stopped, or the lease lapsed: the top of the loop decides.
+    Resume,
+    /// The drive is over.
+    End(End),
+}
+
+/// `start` and `finish` take snapshots, which copy whole volumes where the storage cannot
+/// reflink: their deadline is this many step timeouts.
+const SNAPSHOT_DEADLINE_FACTOR: u32 = 4;
 
 /// What a step hands back: the run, the progress, and the step's result.
 type Stepped = (Box<dyn TaskRun>, TaskProgress, Result<Step, ExecError>);
@@ -319,7 +343,9 @@ impl Drive {
             }
             let until_ms = match self.schedule.check(&directive.control) {
                 WindowCheck::Closed { opens_at_ms, note } => {
-                    // Progress is committed (after every step); keep the claim and wait, visibly.
+                    // Progress is committed (after every step); keep the claim, let the target
+                    // go, and wait, visibly.
+                    run = None;
                     if let Err(end) = self.annotate(Some(note)).await {
                         return end;
                     }
@@ -346,61 +372,93 @@ impl Drive {
                 }
                 continue;
             }
-            let Some(current) = run.take() else {
-                match self.open(&mut progress, until_ms).await {
-                    // Back to the top: a stop or a window change may have come meanwhile.
-                    Ok(opened) => run = opened,
-                    Err(end) => return end,
-                }
-                continue;
-            };
-            let step = self.step(current, progress.clone(), until_ms).await;
-            let failure = match step {
-                Call::Returned((current, stepped, Ok(Step::More))) => {
-                    self.failures = 0;
-                    run = Some(current);
-                    progress = stepped;
-                    if let Err(end) = self.commit(&progress).await {
-                        return end;
+            let next = match run.take() {
+                None => match self.open(&mut progress).await {
+                    Ok(opened) => {
+                        // Back to the top: a stop or a window change may have come meanwhile.
+                        run = Some(opened);
+                        continue;
                     }
-                    continue;
-                }
-                Call::Returned((current, stepped, Ok(Step::Done))) => match self.complete(current, stepped).await {
-                    Ok(end) => return end,
-                    Err(failure) => failure,
+                    Err(next) => next,
                 },
-                Call::Returned((current, _, Err(ExecError::Temporary(reason)))) => {
-                    run = Some(current);
-                    reason
-                }
-                Call::Returned((_, stepped, Err(e))) => return self.end_with(&stepped, e).await,
-                Call::Panicked(message) => format!("the step panicked: {message}"),
-                Call::TimedOut => format!("the step did not finish within {:?}", self.settings.step_timeout),
-                Call::Stopped | Call::Lapsed => {
+                Some(current) => match self.step(current, progress.clone(), until_ms).await {
+                    Call::Returned((current, stepped, Ok(Step::More))) => {
+                        self.failures = 0;
+                        progress = stepped;
+                        match self.commit_holding(current, &progress).await {
+                            Ok(kept) => run = kept,
+                            Err(end) => return end,
+                        }
+                        continue;
+                    }
+                    Call::Returned((current, stepped, Ok(Step::Done))) => match self.complete(current, stepped).await {
+                        Ok(end) => return end,
+                        Err(next) => next,
+                    },
+                    Call::Returned((current, stepped, Err(e))) => {
+                        if matches!(e, ExecError::Temporary(_)) {
+                            run = Some(current);
+                        }
+                        self.after_error(&stepped, e).await
+                    }
+                    Call::Panicked(message) => Next::Retry(format!("the step panicked: {message}")),
+                    Call::TimedOut => {
+                        Next::Retry(format!("the step did not finish within {:?}", self.settings.step_timeout))
+                    }
                     // The top of the loop stops, waits for the window or regains the lease.
-                    progress = self.task.progress.clone();
-                    continue;
-                }
+                    Call::Stopped | Call::Lapsed => Next::Resume,
+                },
             };
             progress = self.task.progress.clone();
-            if let Err(end) = self.temporary(failure).await {
+            let waited = match next {
+                Next::Retry(reason) => self.retry(reason, true).await,
+                Next::Wait(reason) => self.retry(reason, false).await,
+                Next::Resume => Ok(()),
+                Next::End(end) => return end,
+            };
+            if let Err(end) = waited {
                 return end;
             }
         }
     }
 
-    /// Counts a temporary failure and waits before the next try (a stop cuts the wait short);
-    /// fails the task once there were too many in a row.
-    async fn temporary(&mut self, reason: String) -> Result<(), End> {
-        if self.failures >= self.settings.failure_limit {
-            let progress = self.task.progress.clone();
-            return Err(self.fail(&progress, ExecError::Temporary(reason)).await);
+    /// What to do after the executor failed with `e`.
+    async fn after_error(&mut self, progress: &TaskProgress, e: ExecError) -> Next {
+        match e {
+            ExecError::Temporary(reason) => Next::Retry(reason),
+            ExecError::Busy(reason) => Next::Wait(reason),
+            ExecError::Lapsed(_) => Next::Resume,
+            // The engine may see its lease lapse (and the storage refuse) before this loop does.
+            ExecError::Fenced(_) if !self.licence.local().is_valid(self.licence.generation()) => Next::Resume,
+            ExecError::Fenced(reason) => Next::End(self.fenced(reason).await),
+            e @ ExecError::Permanent(_) => Next::End(self.fail(progress, e).await),
         }
-        self.failures += 1;
-        let failures = self.failures;
-        warn!(task = %self.task.id, %reason, failures, "temporary failure; retrying from the last checkpoint");
+    }
+
+    /// Waits before the next try: counts a temporary failure (`counted`; the task fails once
+    /// there were too many in a row) or a busy target (not counted). A stop asked, a lapsed
+    /// lease or a control change cut the wait short.
+    async fn retry(&mut self, reason: String, counted: bool) -> Result<(), End> {
+        if self.directives.borrow().should_stop() {
+            return Ok(());
+        }
+        let attempt = if counted {
+            if self.failures >= self.settings.failure_limit {
+                let progress = self.task.progress.clone();
+                return Err(self.fail(&progress, ExecError::Temporary(reason)).await);
+            }
+            self.failures += 1;
+            warn!(task = %self.task.id, %reason, failures = self.failures, "temporary failure; retrying from the last checkpoint");
+            self.failures
+        } else {
+            self.busy = self.busy.saturating_add(1);
+            info!(task = %self.task.id, %reason, "the target is busy; waiting for its writer to let go");
+            self.busy
+        };
+        let local = self.licence.local().clone();
         tokio::select! {
-            _ = tokio::time::sleep(backoff(failures)) => Ok(()),
+            _ = tokio::time::sleep(backoff(attempt)) => Ok(()),
+            _ = local.lapsed(self.licence.generation()) => Ok(()),
             changed = self.directives.changed() => match changed {
                 Ok(()) => Ok(()),
                 Err(_) => Err(End::Dropped("controller gone".into())),
@@ -408,49 +466,54 @@ impl Drive {
         }
     }
 
-    /// Ends the drive after the executor said fenced or permanent.
-    async fn end_with(&mut self, progress: &TaskProgress, e: ExecError) -> End {
-        match e {
-            ExecError::Fenced(reason) => self.fenced(reason).await,
-            e => self.fail(progress, e).await,
-        }
+    /// Commits progress while holding the run; lets the run (and its target) go at once if the
+    /// local lease lapses meanwhile. Hands the run back if it was kept.
+    async fn commit_holding(
+        &mut self,
+        run: Box<dyn TaskRun>,
+        progress: &TaskProgress,
+    ) -> Result<Option<Box<dyn TaskRun>>, End> {
+        let mut held = Some(run);
+        let local = self.licence.local().clone();
+        let generation = self.licence.generation();
+        let committed = {
+            let commit = self.commit(progress);
+            tokio::pin!(commit);
+            tokio::select! {
+                committed = &mut commit => committed,
+                _ = local.lapsed(generation) => {
+                    held = None;
+                    commit.await
+                }
+            }
+        };
+        committed.map(|()| held)
     }
 
-    /// Starts the run on the data plane, retrying temporary failures; commits what `start`
-    /// recorded. `Ok(None)`: stopped or lapsed meanwhile (the caller's loop takes over).
-    async fn open(
-        &mut self,
-        progress: &mut TaskProgress,
-        until_ms: Option<i64>,
-    ) -> Result<Option<Box<dyn TaskRun>>, End> {
-        loop {
-            let (executor, task, licence, mut started) =
-                (self.executor.clone(), self.task.clone(), self.licence.clone(), progress.clone());
-            let call = self
-                .call(until_ms, move |_stop| async move {
-                    let run = executor.start(&task, &licence, &mut started).await;
-                    (started, run)
-                })
-                .await;
-            let failure = match call {
-                Call::Returned((started, Ok(run))) => {
-                    *progress = started;
-                    self.commit(progress).await?;
-                    return Ok(Some(run));
+    /// Starts the run on the data plane; commits what `start` recorded.
+    async fn open(&mut self, progress: &mut TaskProgress) -> Result<Box<dyn TaskRun>, Next> {
+        let (executor, task, licence, mut started) =
+            (self.executor.clone(), self.task.clone(), self.licence.clone(), progress.clone());
+        let deadline = self.settings.step_timeout * SNAPSHOT_DEADLINE_FACTOR;
+        let call = self
+            .call(None, deadline, move |_stop| async move {
+                let run = executor.start(&task, &licence, &mut started).await;
+                (started, run)
+            })
+            .await;
+        match call {
+            Call::Returned((started, Ok(run))) => {
+                *progress = started;
+                match self.commit_holding(run, progress).await {
+                    Ok(Some(run)) => Ok(run),
+                    Ok(None) => Err(Next::Resume),
+                    Err(end) => Err(Next::End(end)),
                 }
-                Call::Returned((_, Err(ExecError::Temporary(reason)))) => {
-                    format!("cannot start the task yet: {reason}")
-                }
-                Call::Returned((started, Err(e))) => return Err(self.end_with(&started, e).await),
-                Call::Panicked(message) => format!("starting the task panicked: {message}"),
-                Call::TimedOut => format!("starting the task did not finish within {:?}", self.settings.step_timeout),
-                Call::Stopped | Call::Lapsed => return Ok(None),
-            };
-            self.temporary(failure).await?;
-            let directive = self.directives.borrow().clone();
-            if directive.should_stop() || !self.licence.local().is_valid(self.licence.generation()) {
-                return Ok(None);
             }
+            Call::Returned((started, Err(e))) => Err(self.after_error(&started, e).await),
+            Call::Panicked(message) => Err(Next::Retry(format!("starting the task panicked: {message}"))),
+            Call::TimedOut => Err(Next::Retry(format!("starting the task did not finish within {deadline:?}"))),
+            Call::Stopped | Call::Lapsed => Err(Next::Resume),
         }
     }
 
@@ -461,36 +524,40 @@ impl Drive {
         mut progress: TaskProgress,
         until_ms: Option<i64>,
     ) -> Call<Stepped> {
-        self.call(until_ms, move |stop| async move {
+        let deadline = self.settings.step_timeout;
+        self.call(until_ms, deadline, move |stop| async move {
             let result = run.step(&mut progress, &stop).await;
             (run, progress, result)
         })
         .await
     }
 
-    /// Completes the task after its last step: `finish` on the data plane, then the final commit.
-    /// `Err` with the reason of a temporary failure (the caller retries).
-    async fn complete(&mut self, mut run: Box<dyn TaskRun>, mut progress: TaskProgress) -> Result<End, String> {
+    /// Completes the task after its last step: `finish` on the data plane (it snapshots the
+    /// target), then the final commit.
+    async fn complete(&mut self, mut run: Box<dyn TaskRun>, mut progress: TaskProgress) -> Result<End, Next> {
+        let deadline = self.settings.step_timeout * SNAPSHOT_DEADLINE_FACTOR;
         let call = self
-            .call(None, move |_stop| async move {
+            .call(None, deadline, move |_stop| async move {
                 let result = run.finish(&mut progress).await;
                 (progress, result)
             })
             .await;
         match call {
             Call::Returned((progress, Ok(()))) => Ok(self.finish(&progress, TaskState::Succeeded, Change::Plain).await),
-            Call::Returned((_, Err(ExecError::Temporary(reason)))) => Err(format!("cannot finish the task: {reason}")),
-            Call::Returned((progress, Err(e))) => Ok(self.end_with(&progress, e).await),
-            Call::Panicked(message) => Err(format!("finishing the task panicked: {message}")),
-            Call::TimedOut => Err(format!("finishing the task did not finish within {:?}", self.settings.step_timeout)),
-            Call::Stopped | Call::Lapsed => Err("finishing the task was interrupted".into()),
+            Call::Returned((progress, Err(e))) => match self.after_error(&progress, e).await {
+                Next::End(end) => Ok(end),
+                next => Err(next),
+            },
+            Call::Panicked(message) => Err(Next::Retry(format!("finishing the task panicked: {message}"))),
+            Call::TimedOut => Err(Next::Retry(format!("finishing the task did not finish within {deadline:?}"))),
+            Call::Stopped | Call::Lapsed => Err(Next::Resume),
         }
     }
 
     /// Runs `work` on the data plane, bounded as the module docs say: aborted at once when the
     /// local lease lapses, after the step timeout, and `stop_timeout` after a stop was asked (or
     /// the window closed at `until_ms`), which first cancels the token `work` gets.
-    async fn call<T, F, Fut>(&mut self, until_ms: Option<i64>, work: F) -> Call<T>
+    async fn call<T, F, Fut>(&mut self, until_ms: Option<i64>, deadline: Duration, work: F) -> Call<T>
     where
         T: Send + 'static,
         F: FnOnce(StopToken) -> Fut,
@@ -502,7 +569,7 @@ impl Drive {
         let local = self.licence.local().clone();
         let lapsed = local.lapsed(generation);
         tokio::pin!(lapsed);
-        let deadline = tokio::time::sleep(self.settings.step_timeout);
+        let deadline = tokio::time::sleep(deadline);
         tokio::pin!(deadline);
         let grace = tokio::time::sleep(self.settings.step_timeout);
         tokio::pin!(grace);
@@ -588,7 +655,12 @@ impl Drive {
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                Err(e) => return Err(End::Dropped(format!("cannot confirm the claim: {e}"))),
+                Err(e) => {
+                    // Let the claim go (harmless if it is gone): the task must not stay running
+                    // under a claim that nobody works under.
+                    let _ = self.store.release(self.lock.clone()).await;
+                    return Err(End::Dropped(format!("cannot confirm the claim: {e}; released it")));
+                }
             }
         }
     }
@@ -605,7 +677,11 @@ impl Drive {
                 self.fail(&progress, ExecError::Permanent(format!("the target refused this task's writes: {reason}")))
                     .await
             }
-            _ => End::Dropped(format!("fenced: {reason}")),
+            Ok(_) => End::Dropped(format!("fenced: {reason}")),
+            Err(e) => {
+                let _ = self.store.release(self.lock.clone()).await;
+                End::Dropped(format!("fenced: {reason}; the claim could not be checked ({e}) and was released"))
+            }
         }
     }
 
@@ -652,10 +728,12 @@ impl Drive {
     }
 
     async fn stop(&mut self, progress: &TaskProgress, directive: &Directive) -> End {
+        // What operators asked wins over a shutdown: a task handed back as pending while it
+        // should be paused or canceled would wait for a dispatcher that never assigns it.
         let (to, why) = match directive.control.desired {
-            _ if directive.shutdown => (TaskState::Pending, "runner shutting down"),
             DesiredState::Pause => (TaskState::Paused, "paused"),
             DesiredState::Cancel => (TaskState::Canceled, "canceled"),
+            DesiredState::Run if directive.shutdown => (TaskState::Pending, "runner shutting down"),
             DesiredState::Run => unreachable!("stop is only called when the directive says stop"),
         };
         debug!(task = %self.task.id, %to, why, "stopping at a safe point");
@@ -665,7 +743,7 @@ impl Drive {
     async fn fail(&mut self, progress: &TaskProgress, e: ExecError) -> End {
         let reason = match e {
             ExecError::Temporary(r) => format!("gave up after {} temporary failures: {r}", self.failures),
-            ExecError::Permanent(r) | ExecError::Fenced(r) => r,
+            ExecError::Permanent(r) | ExecError::Fenced(r) | ExecError::Lapsed(r) | ExecError::Busy(r) => r,
         };
         warn!(task = %self.task.id, %reason, "task failed");
         self.finish(progress, TaskState::Failed, Change::Failed(reason)).await

@@ -128,6 +128,8 @@ pub struct Dispatcher {
     backoff: HashMap<TaskId, (Instant, u32)>,
     /// Tasks being put back to pending.
     rescuing: HashSet<TaskId>,
+    /// Pending tasks being settled to paused or canceled in this pass.
+    settling: HashSet<TaskId>,
     /// Waiting notes written on pending tasks outside their windows, so each is written once.
     noted: HashMap<TaskId, String>,
     /// When the timer for the earliest window opening fires, Unix milliseconds.
@@ -149,6 +151,7 @@ impl Dispatcher {
             assigned: HashMap::new(),
             backoff: HashMap::new(),
             rescuing: HashSet::new(),
+            settling: HashSet::new(),
             noted: HashMap::new(),
             wake_at: None,
             last_audit: None,
@@ -231,6 +234,12 @@ impl Dispatcher {
         let queued = targets::blocked(&unfinished);
         let mut sends = Vec::new();
         let mut earliest_opening: Option<i64> = None;
+        self.settling.clear();
+        for task in pending.iter().filter(|t| t.control.desired != DesiredState::Run) {
+            // Asked to pause or cancel but handed back as pending (a runner's shutdown or a
+            // rescue raced the request): settle it, or it would wait forever and hold its target.
+            self.settle(task, &fence);
+        }
         for task in &pending {
             if task.control.desired != DesiredState::Run
                 || self.in_flight.contains_key(&task.id)
@@ -293,6 +302,26 @@ impl Dispatcher {
                 addr.do_send(Rescued(id));
             });
         }
+    }
+
+    /// Moves a pending task whose operators asked to pause or cancel it to that state.
+    fn settle(&mut self, task: &Task, fence: &Fence) {
+        if !self.settling.insert(task.id) {
+            return;
+        }
+        let (store, fence, id) = (self.config.store.clone(), fence.clone(), task.id);
+        actix::spawn(async move {
+            let moved = store
+                .transition(&id, &fence, |task| match (task.state(), task.control.desired) {
+                    (TaskState::Pending, DesiredState::Pause) => Ok(Some((TaskState::Paused, Change::Plain))),
+                    (TaskState::Pending, DesiredState::Cancel) => Ok(Some((TaskState::Canceled, Change::Plain))),
+                    _ => Ok(None),
+                })
+                .await;
+            if let Err(e) = moved {
+                debug!(task = %id, error = %e, "cannot settle a pending task that should not run");
+            }
+        });
     }
 
     /// Writes why a pending task waits, once per note.

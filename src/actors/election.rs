@@ -10,6 +10,13 @@
 //! the session is suspended (no connection), expired, or its candidate node is gone. After a
 //! reconnect within the same session it checks again and may regain leadership; after an expiry
 //! it enters a new candidate.
+//!
+//! The recipe is **protected** (Curator's protected mode, ZOOKEEPER-1262): a session's candidates
+//! carry one token per session generation, and before it creates a candidate the campaign looks
+//! for one with its token. A create whose reply was lost (the server applied it, the answer never
+//! came), or a listing that failed right after it, therefore never leaves an orphan candidate of
+//! the live session ahead of the node's real one: the retry finds and adopts it, and removes any
+//! extra one, so the lowest candidate always belongs to a campaign that knows it leads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +96,8 @@ pub(crate) async fn campaign(
     resign: tokio::sync::mpsc::Receiver<Duration>,
     stop: StopToken,
 ) {
-    let mut campaign = Campaign { coord, me, to, resign, session: None, leading: false, candidate: None };
+    let mut campaign =
+        Campaign { coord, me, to, resign, session: None, leading: false, candidate: None, token: (0, String::new()) };
     tokio::select! {
         _ = campaign.run() => {}
         _ = stop.cancelled() => {}
@@ -109,6 +117,8 @@ struct Campaign {
     session: Option<watch::Receiver<SessionStatus>>,
     leading: bool,
     candidate: Option<String>,
+    /// The token of this session generation's candidates.
+    token: (u64, String),
 }
 
 impl Campaign {
@@ -136,8 +146,18 @@ impl Campaign {
 
     /// Enters a candidate for this session generation and follows it until the session changes.
     async fn stand(&mut self, generation: u64) -> Result<(), CoordError> {
-        let prefix = format!("{}/{}{}-", layout::ELECTION, layout::CANDIDATE_PREFIX, token());
-        let path = self.coord.create(&prefix, &encode(&self.me), CreateMode::EphemeralSequential).await?;
+        if self.token.0 != generation {
+            self.token = (generation, token());
+        }
+        let ours = format!("{}{}-", layout::CANDIDATE_PREFIX, self.token.1);
+        let path = match self.find(&ours).await? {
+            Some(path) => path,
+            // If the answer to this create is lost, the next stand finds the node by its token.
+            None => {
+                let prefix = join(layout::ELECTION, &ours);
+                self.coord.create(&prefix, &encode(&self.me), CreateMode::EphemeralSequential).await?
+            }
+        };
         self.candidate = Some(path.clone());
         let name = path.rsplit('/').next().unwrap_or_default().to_string();
         let mut session = self.session.clone().expect("session receiver is set in run");
@@ -189,6 +209,25 @@ impl Campaign {
                 }
             }
         }
+    }
+
+    /// This session's candidate, found by its name prefix `ours` (a create whose answer was
+    /// lost); extra ones are removed, the lowest kept.
+    async fn find(&self, ours: &str) -> Result<Option<String>, CoordError> {
+        let mut names: Vec<String> =
+            self.coord.children(layout::ELECTION).await?.into_iter().filter(|n| n.starts_with(ours)).collect();
+        layout::sort_by_sequence(&mut names);
+        for extra in names.iter().skip(1) {
+            warn!(node = %self.me.node, candidate = %extra, "removing an extra election candidate of this session");
+            match self.coord.delete(&join(layout::ELECTION, extra), None).await {
+                Ok(()) | Err(CoordError::NoNode { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(name) = names.first() {
+            info!(node = %self.me.node, candidate = %name, "found this session's election candidate again");
+        }
+        Ok(names.first().map(|name| join(layout::ELECTION, name)))
     }
 
     fn tell(&mut self, leading: bool, fence: Option<&str>) {

@@ -263,6 +263,11 @@ impl Handler<Assign> for Runner {
         let generation = store.coordination().status().generation;
         let claim = async move {
             let lock = store.claim(&id, &node).await?;
+            if store.coordination().status().generation != generation {
+                // Claimed on a later session than the licence would name: let it go, refuse.
+                let _ = store.release(lock).await;
+                return Err(StoreError::Coord(CoordError::SessionExpired));
+            }
             let moved = store
                 .transition(&id, lock.fence(), |task| match (task.state(), task.control.desired) {
                     (TaskState::Pending, DesiredState::Run) => {

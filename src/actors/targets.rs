@@ -4,11 +4,13 @@
 //! equal to its source. So the dispatcher runs at most one task per target volume, and the rule
 //! is a **queue**: among the tasks that are not finished (pending, running or paused) and name
 //! the same target volume on overlapping target hosts (two host lists that share a host reach the
-//! same block service), only the **oldest** may run; the others stay pending, with a note that
-//! names the task they wait for, and start in creation order as each one ahead finishes,
-//! fails or is canceled. A paused task keeps its place: its half-written target is its own until
-//! it ends. Age is the creation transaction (the record's incarnation), then the creation time and
-//! the id, so every node that mirrored the same history picks the same holder.
+//! same block service), a task that is already running or paused holds the target whatever its
+//! age; otherwise the **oldest** may run. The others stay pending, with a note that names the
+//! task they wait for, and start in creation order as each one ahead finishes, fails or is
+//! canceled. A paused task keeps its place: its half-written target is its own until it ends.
+//! Age is the creation transaction (the record's incarnation; an unknown one, 0, counts as the
+//! youngest), then the creation time and the id, so every node that mirrored the same history
+//! picks the same holder.
 //!
 //! This is the dispatcher's rule; the storage's writer leases are the second line (see
 //! [`crate::copy`]).
@@ -17,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use crate::model::{Task, TaskId, TaskSpec, VolumeId};
+use crate::model::{Task, TaskId, TaskSpec, TaskState, VolumeId};
 
 /// The target of a task: its volume and the hosts that serve it.
 fn target(task: &Task) -> (&VolumeId, &[String]) {
@@ -32,9 +34,12 @@ pub fn same_target(a: &Task, b: &Task) -> bool {
     va == vb && ((ha.is_empty() && hb.is_empty()) || ha.iter().any(|h| hb.contains(h)))
 }
 
-/// Order of age: the oldest task holds a target.
-fn age(task: &Task) -> (i64, i64, TaskId) {
-    (task.versions.incarnation, task.control.created_at_ms, task.id)
+/// Order of precedence: tasks that hold their target already (running, paused) first, then by
+/// age; an unknown incarnation (0) counts as the youngest.
+fn age(task: &Task) -> (bool, i64, i64, TaskId) {
+    let holds = matches!(task.state(), TaskState::Running | TaskState::Paused);
+    let incarnation = if task.versions.incarnation == 0 { i64::MAX } else { task.versions.incarnation };
+    (!holds, incarnation, task.control.created_at_ms, task.id)
 }
 
 /// For each task of `unfinished` (every pending, running and paused task) that must wait, the
@@ -88,6 +93,20 @@ mod tests {
             progress: TaskProgress::default(),
             versions: RecordVersions { incarnation, ..RecordVersions::default() },
         }
+    }
+
+    #[test]
+    fn a_running_task_holds_its_target_whatever_its_age_and_unknown_ages_come_last() {
+        let mut running = task(30, "vol-d", &["h1"]);
+        running.status.state = TaskState::Running;
+        let older = task(10, "vol-d", &["h1"]);
+        let unknown = task(0, "vol-d", &["h1"]);
+        let waits = blocked(&[&older, &running, &unknown]);
+        assert_eq!(waits.get(&older.id), Some(&running.id));
+        assert_eq!(waits.get(&unknown.id), Some(&running.id));
+        assert!(!waits.contains_key(&running.id));
+        let waits = blocked(&[&unknown, &older]);
+        assert_eq!(waits.get(&unknown.id), Some(&older.id), "an unknown age is the youngest");
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub enum CoordinationConfig {
     ZooKeeper(ZkConfig),
     /// An in-process service; nodes of one process share it by sharing the server value.
     Embedded(EmbeddedServer),
+    /// A handle the host made itself: its own [`Coordination`] implementation, or one of the
+    /// crate's wrapped (for instance in a [`FaultyCoordination`](crate::coord::FaultyCoordination)
+    /// to test under lost replies). The node closes it at shutdown.
+    Custom(Arc<dyn crate::coord::Coordination>),
 }
 
 /// Builds a [`TaskCenter`]. Every setter documents its default; [`TaskCenterBuilder::build`]
@@ -146,6 +150,12 @@ impl TaskCenterBuilder {
     /// process. Default: a new embedded service of this node alone.
     pub fn embedded(mut self, server: EmbeddedServer) -> Self {
         self.coordination = Some(CoordinationConfig::Embedded(server));
+        self
+    }
+
+    /// Coordinate through a handle the host made (see [`CoordinationConfig::Custom`]).
+    pub fn coordination(mut self, coordination: Arc<dyn crate::coord::Coordination>) -> Self {
+        self.coordination = Some(CoordinationConfig::Custom(coordination));
         self
     }
 

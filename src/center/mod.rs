@@ -35,6 +35,10 @@ use crate::transport::{Listener, RequestHandler, Transport, TransportError};
 
 mod builder;
 
+/// Backoff between attempts to initialise the cluster's records at start, first and last.
+const START_RETRY_MIN: Duration = Duration::from_millis(100);
+const START_RETRY_MAX: Duration = Duration::from_secs(5);
+
 pub use builder::{
     ConfigError, CoordinationConfig, TaskCenterBuilder, DEFAULT_CALL_TIMEOUT_MS, DEFAULT_DATA_THREADS,
     DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, DEFAULT_STEP_TIMEOUT_MS,
@@ -248,12 +252,28 @@ async fn boot(
     let coord: Arc<dyn Coordination> = match config.coordination {
         CoordinationConfig::ZooKeeper(zk) => Arc::new(ZkCoordination::connect(zk).await?),
         CoordinationConfig::Embedded(server) => Arc::new(server.connect()),
+        CoordinationConfig::Custom(coordination) => coordination,
     };
     let store = TaskStore::new(coord.clone(), config.clock.clone());
     let ours = config.schedule.settings();
     let agreed = async {
-        store.init().await?;
-        let cluster = store.agree_schedule(&ours).await?;
+        // A reply lost or late while the node starts is no reason to exit: try again.
+        let mut delay = START_RETRY_MIN;
+        let cluster = loop {
+            let attempt = async {
+                store.init().await?;
+                store.agree_schedule(&ours).await
+            };
+            match attempt.await {
+                Ok(cluster) => break cluster,
+                Err(e) if e.is_transient() => {
+                    warn!(node = %config.node, error = %e, "the coordination service did not answer while starting; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(START_RETRY_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         if cluster != ours {
             return Err(StartError::ScheduleMismatch { node: ours.clone(), cluster });
         }

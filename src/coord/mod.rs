@@ -8,6 +8,8 @@
 //! - [`EmbeddedServer`] / [`EmbeddedCoordination`]: an in-process tree with the same semantics
 //!   (versions, sequential names, ephemeral nodes, one-shot and tree watches), for single-process
 //!   hosts, the quickstart and fast tests.
+//! - [`FaultyCoordination`]: wraps either and, by a seeded plan, loses replies after the call took
+//!   effect and delays calls: how the recipes are tested against lost replies.
 //!
 //! # Sessions
 //!
@@ -38,10 +40,12 @@ use tokio::sync::watch;
 
 mod embedded;
 mod error;
+mod faulty;
 mod zk;
 
 pub use embedded::{EmbeddedCoordination, EmbeddedServer, EMBEDDED_SESSION_TIMEOUT};
 pub use error::CoordError;
+pub use faulty::{CallKind, Faults, FaultyCoordination, LoseNext};
 pub use zk::{ZkConfig, ZkCoordination};
 
 /// Result of a coordination call.

@@ -243,9 +243,18 @@ fn map_error(e: zk::Error, path: &str) -> CoordError {
         zk::Error::BadVersion => CoordError::BadVersion { path },
         zk::Error::NotEmpty => CoordError::NotEmpty { path },
         zk::Error::NoChildrenForEphemerals => CoordError::NoChildrenForEphemerals { path },
-        zk::Error::ConnectionLoss => CoordError::ConnectionLoss,
+        // Connection-level trouble: the session may live on, the call may or may not have been
+        // applied. Transient, like a lost connection.
+        zk::Error::ConnectionLoss | zk::Error::SessionMoved | zk::Error::NotReadOnly | zk::Error::Throttled => {
+            CoordError::ConnectionLoss
+        }
         zk::Error::SessionExpired | zk::Error::ClientClosed => CoordError::SessionExpired,
-        zk::Error::Timeout => CoordError::Timeout(format!("ZooKeeper call on {path}")),
+        zk::Error::Timeout | zk::Error::NoHosts => CoordError::Timeout(format!("ZooKeeper call on {path}: {e}")),
+        // The client's own reply deadline ("no response from connection in N ms"): a reply lost
+        // or late, not an answer about the data.
+        zk::Error::Custom(custom) if custom.to_string().contains("no response from connection") => {
+            CoordError::Timeout(format!("ZooKeeper call on {path}: {custom}"))
+        }
         zk::Error::BadArguments(reason) => CoordError::BadPath { path, reason },
         // A call in flight when the connection broke fails with the I/O error: the connection
         // is lost, the session may well live on.

@@ -36,8 +36,8 @@
 //!   a newer owner's first write.**
 //! - A backend may, instead of admitting a newer lease while an older handle can still write
 //!   (a process that holds it is alive), refuse the newer one with [`BackendError::Temporary`]
-//!   ("busy") until the older handle is gone; that gives the same guarantee with at most one
-//!   writer open at any instant. [`FileBackend`](super::FileBackend) does that.
+//!   ([`BackendError::Busy`]) until the older handle is gone; that gives the same guarantee with
+//!   at most one writer open at any instant. [`FileBackend`](super::FileBackend) does that.
 //! - `Fenced` is final for the handle and its lease: the engine stops the task's run at once
 //!   and never retries the write (another runner owns the task now).
 //!
@@ -68,6 +68,10 @@ pub enum BackendError {
     /// owns the volume now. Final for this lease; the run stops without retrying.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// Another writer still holds the volume (a backend that admits one writer at a time): the
+    /// engine retries with backoff, without counting it as a failure, until the holder lets go.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// Result of a backend call.

@@ -125,6 +125,7 @@ impl From<BackendError> for ExecError {
             BackendError::Temporary(m) => ExecError::Temporary(m),
             BackendError::Permanent(m) => ExecError::Permanent(m),
             BackendError::Fenced(m) => ExecError::Fenced(m),
+            BackendError::Busy(m) => ExecError::Busy(m),
         }
     }
 }
@@ -135,6 +136,7 @@ fn failed(what: impl std::fmt::Display) -> impl FnOnce(BackendError) -> ExecErro
         BackendError::Temporary(m) => ExecError::Temporary(format!("{what}: {m}")),
         BackendError::Permanent(m) => ExecError::Permanent(format!("{what}: {m}")),
         BackendError::Fenced(m) => ExecError::Fenced(format!("{what}: {m}")),
+        BackendError::Busy(m) => ExecError::Busy(format!("{what}: {m}")),
     }
 }
 

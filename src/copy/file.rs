@@ -41,7 +41,7 @@
 //! `<volume>.lock`, before it opens the image for writing, and holds it until the handle and every
 //! call in flight on it are gone (the lock's descriptor closes after the image's). While one
 //! process (or one handle in this process) holds it, another `open_target` of the volume waits up
-//! to [`WRITER_LOCK_WAIT`] and then fails with [`BackendError::Temporary`] naming the holder (its
+//! to [`WRITER_LOCK_WAIT`] and then fails with [`BackendError::Busy`] naming the holder (its
 //! pid and lease, written into the lock file): the engine retries with backoff. So at most one
 //! handle can write a volume at any instant, on this host, and the kernel drops the lock when its
 //! process dies, however it dies (`kill -9` included): a dead writer never blocks a volume.
@@ -124,7 +124,7 @@ use super::fiemap;
 use crate::model::{SnapshotId, WriterLease};
 
 /// How long [`CopyBackend::open_target`] waits for a volume's writer lock held by another handle
-/// before it answers [`BackendError::Temporary`] (the engine retries with backoff).
+/// before it answers [`BackendError::Busy`] (the engine retries with backoff).
 pub const WRITER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Bytes moved per read or write when copying a snapshot or writing zeroes: large enough to
@@ -837,7 +837,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Takes the writer lock at `path` (creating the file), waiting up to [`WRITER_LOCK_WAIT`]; then
-/// records in it who holds it. [`BackendError::Temporary`] naming the holder if it stays taken.
+/// records in it who holds it. [`BackendError::Busy`] naming the holder if it stays taken.
 fn lock_writer(path: &Path, lease: &WriterLease) -> BackendResult<File> {
     let dir = parent(path);
     create_dir_durable(dir).map_err(|err| io_error("create directory", dir, err))?;
@@ -857,7 +857,7 @@ fn lock_writer(path: &Path, lease: &WriterLease) -> BackendResult<File> {
             let holder = fs::read_to_string(path).unwrap_or_default();
             let holder = holder.trim();
             let holder = if holder.is_empty() { "another handle" } else { holder };
-            return Err(BackendError::Temporary(format!(
+            return Err(BackendError::Busy(format!(
                 "volume is being written by {holder} (writer lock {} held for more than {} ms)",
                 path.display(),
                 WRITER_LOCK_WAIT.as_millis()

@@ -33,11 +33,20 @@ pub enum ExecError {
     /// fails with this reason.
     #[error("{0}")]
     Permanent(String),
-    /// The run's licence is gone: the storage admitted a newer writer, or the local lease lapsed.
-    /// The controller stops the run at once and writes nothing under this claim until it has
-    /// confirmed it again (or drops the task).
+    /// The storage admitted a newer writer lease for the target: another runner (or another
+    /// task) owns it now. The controller stops the run at once and never retries the write.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The runner's local lease on its session lapsed ([`Licence::check`]): the run stops at
+    /// once; the controller writes again only once the same session answers and its claim is
+    /// confirmed.
+    #[error("lease lapsed: {0}")]
+    Lapsed(String),
+    /// The target is held by another writer that has not let it go yet (the file backend's
+    /// writer lock): retried with backoff, without counting toward the failure limit, since
+    /// the holder lets go when it stops or dies.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// What a run may write under: the claim's writer lease and the runner's local lease on the
@@ -76,13 +85,13 @@ impl Licence {
         self.generation
     }
 
-    /// `Ok` while writes are allowed; [`ExecError::Fenced`] once the local lease has lapsed.
+    /// `Ok` while writes are allowed; [`ExecError::Lapsed`] once the local lease has lapsed.
     /// Reads the clock at the call: call it right before each write.
     pub fn check(&self) -> Result<(), ExecError> {
         if self.local.is_valid(self.generation) {
             Ok(())
         } else {
-            Err(ExecError::Fenced(format!(
+            Err(ExecError::Lapsed(format!(
                 "the local lease on the session lapsed (no answer from the coordination service in time); {} may \
                  no longer write",
                 self.lease

@@ -1,0 +1,145 @@
+//! The election under lost replies: a reply that ZooKeeper's client never gets after the server
+//! applied the call (the candidate's create, the listing right after it), injected by
+//! [`FaultyCoordination`] around the embedded service. After the faults stop, exactly one node
+//! leads, every node has exactly one candidate, and requests are served again.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::tasks::{spec, wait_state};
+use task_center::coord::{CallKind, Coordination, EmbeddedServer, Faults, FaultyCoordination, LoseNext};
+use task_center::exec::SimulatedExecutor;
+use task_center::model::TaskState;
+use task_center::store::layout;
+use task_center::transport::InProcessNetwork;
+use task_center::{TaskCenter, TaskCenterHandle};
+
+/// A leader within the embedded session timeout plus 2 s, the bound the issue states.
+const LEADER_BOUND: Duration = Duration::from_secs(12);
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Cluster {
+    server: EmbeddedServer,
+    network: InProcessNetwork,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        common::init_tracing();
+        Cluster { server: EmbeddedServer::new(), network: InProcessNetwork::new(), dir: tempfile::tempdir().unwrap() }
+    }
+
+    async fn node(&self, name: &str, faults: Faults) -> (TaskCenterHandle, FaultyCoordination) {
+        let faulty = FaultyCoordination::new(Arc::new(self.server.connect()));
+        faulty.set_faults(faults);
+        let handle = TaskCenter::builder()
+            .node_id(name)
+            .coordination(Arc::new(faulty.clone()))
+            .transport(Arc::new(self.network.clone()))
+            .data_dir(self.dir.path().join(name))
+            .executor(Arc::new(SimulatedExecutor::new(3, Duration::from_millis(10), 1 << 20)))
+            .sweep_interval_ms(100)
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        (handle, faulty)
+    }
+}
+
+/// Waits until exactly one of `nodes` is a ready leader and the lowest election candidate is
+/// that node's; checks that every node has exactly one candidate.
+async fn one_leader(observer: &dyn Coordination, nodes: &[&TaskCenterHandle]) -> usize {
+    common::within(LEADER_BOUND, "exactly one leader after the faults stop", async {
+        let mut receivers: Vec<_> = nodes.iter().map(|n| n.leader_status()).collect();
+        loop {
+            let ready: Vec<usize> = (0..nodes.len()).filter(|&i| receivers[i].borrow_and_update().ready).collect();
+            if let [leader] = ready[..] {
+                let mut names = observer.children(layout::ELECTION).await.unwrap();
+                layout::sort_by_sequence(&mut names);
+                let (lowest, _) = observer.get(&format!("{}/{}", layout::ELECTION, names[0])).await.unwrap();
+                let lowest: serde_json::Value = serde_json::from_slice(&lowest).unwrap();
+                if names.len() == nodes.len() && lowest["node"] == nodes[leader].node_id().as_str() {
+                    return leader;
+                }
+            }
+            let changes = receivers.iter_mut().map(|r| Box::pin(r.changed()));
+            let _ = tokio::time::timeout(Duration::from_millis(200), futures::future::select_all(changes)).await;
+        }
+    })
+    .await
+}
+
+async fn lost_reply_case(kind: CallKind, path_prefix: &str, after: u32) {
+    let cluster = Cluster::new();
+    let observer: Arc<dyn Coordination> = Arc::new(cluster.server.connect());
+    // a's first reply of this kind is lost after the server applied the call.
+    let rule = LoseNext { kind, path_prefix: path_prefix.into(), after, count: 1 };
+    let lose = Faults { lose_next: vec![rule], ..Faults::default() };
+    let (a, faulty) = cluster.node("a", lose).await;
+    let (b, _) = cluster.node("b", Faults::default()).await;
+    let leader = one_leader(observer.as_ref(), &[&a, &b]).await;
+    assert!(faulty.lost_replies() >= 1, "no reply was lost");
+    let task = [&a, &b][leader].create(spec(1), None).await.unwrap();
+    wait_state(observer.as_ref(), task.id, TaskState::Succeeded, WAIT).await;
+    // The follower serves too (it forwards to the leader).
+    let follower = [&a, &b][1 - leader];
+    assert_eq!(follower.show(task.id).await.unwrap().id, task.id);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_the_candidates_create_leaves_no_orphan() {
+    lost_reply_case(CallKind::Create, "/election/", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_the_listing_after_the_create_leaves_no_orphan() {
+    // The first listing looks for an earlier candidate of the session; the second follows the
+    // create.
+    lost_reply_case(CallKind::Children, "/election", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_lost_replies_and_delays_then_one_leader_and_no_lost_task() {
+    for seed in [1, 2, 3] {
+        let cluster = Cluster::new();
+        let observer: Arc<dyn Coordination> = Arc::new(cluster.server.connect());
+        let faults = Faults { lose_probability: 0.15, max_delay: Duration::from_millis(20), seed, ..Faults::default() };
+        let (a, fa) = cluster.node("a", Faults::default()).await;
+        let (b, fb) = cluster.node("b", Faults::default()).await;
+        one_leader(observer.as_ref(), &[&a, &b]).await;
+        fa.set_faults(faults.clone());
+        fb.set_faults(Faults { seed: seed + 100, ..faults.clone() });
+        // Requests during the faults: some may fail (a lost reply is an error the client may
+        // retry with the same id), none may be lost once accepted.
+        let mut accepted = Vec::new();
+        for n in 0..6 {
+            let id = task_center::model::TaskId::generate();
+            for _ in 0..20 {
+                match a.create_with_id(id, spec(n), None).await {
+                    Ok(task) => {
+                        accepted.push(task.id);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "create failed under faults; retrying"),
+                }
+            }
+        }
+        fa.set_faults(Faults::default());
+        fb.set_faults(Faults::default());
+        assert!(fa.lost_replies() + fb.lost_replies() > 0, "seed {seed}: no fault was injected");
+        let leader = one_leader(observer.as_ref(), &[&a, &b]).await;
+        for id in &accepted {
+            wait_state(observer.as_ref(), *id, TaskState::Succeeded, WAIT).await;
+        }
+        let _ = leader;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
