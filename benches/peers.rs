@@ -536,7 +536,8 @@ async fn run_engine(backend: Arc<dyn CopyBackend>, task: &Task) -> Result<Sample
     let (started, cpu) = (Instant::now(), cpu_seconds(libc::RUSAGE_SELF));
     // The source snapshot exists already (a hard link, see the module docs).
     let mut progress = TaskProgress { source_snapshot: Some(snapshot), ..TaskProgress::default() };
-    let mut run = engine.start(task, &Licence::unlimited(WriterLease::new(task.id, 1)), &mut progress).await?;
+    let mut run =
+        engine.start(task, &Licence::unlimited(WriterLease::new(task.id, next_epoch())), &mut progress).await?;
     let stop = StopToken::new();
     while run.step(&mut progress, &stop).await? == Step::More {}
     let seconds = started.elapsed().as_secs_f64();
@@ -915,4 +916,15 @@ fn legend(out: &mut impl Write, config: &Config) -> io::Result<()> {
         out,
         "the engine's source snapshot is a hard link made before timing (what a reflink filesystem gives for free)"
     )
+}
+
+/// Each copy's writer lease is newer than the one before, in this run and in earlier runs on the
+/// same work directory (the time in nanoseconds, at least one more than the last): the same
+/// target volume is written by one task after another, as a cluster's claims would.
+fn next_epoch() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static EPOCH: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let previous = EPOCH.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)));
+    now.max(previous.unwrap_or(0) + 1)
 }

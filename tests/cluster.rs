@@ -1804,3 +1804,45 @@ async fn two_tasks_to_one_target_queue_and_a_cancel_at_1_byte_per_second_takes_e
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. A second node with a live node's id
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_a_live_nodes_id_refuses_to_start_and_displaces_nothing() {
+    init_tracing();
+    within(CASE, "a duplicate node id", async {
+        let connect = shared_zk().connect_string(&unique_chroot("duplicate-id"));
+        let observer = Observer::connect(&connect).await;
+        let mut nodes = start_nodes(&[node_config("n1", &connect, SESSION_MS, 2)]).await;
+        observer.wait_runners(1).await;
+        observer.wait_leader("n1 leads", |l| l.node.as_str() == "n1").await;
+        let registration = layout::runner(&"n1".parse().unwrap());
+        let owner = observer.coord.exists(&registration).await.unwrap().expect("n1 is registered").ephemeral_owner;
+
+        // The newcomer waits up to twice its session timeout for the registration to expire
+        // (it would, had n1 crashed), then exits naming the id.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = node_config("n1", &connect, SESSION_MS, 2);
+        let mut newcomer = Command::new(example_binary("task_server"));
+        newcomer
+            .args(config.args(dir.path()))
+            .env("TASK_CENTER_SECRET", SECRET)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        let run = tokio::task::spawn_blocking(move || newcomer.output());
+        let output = within(Duration::from_secs(40), "the newcomer exits", run).await.expect("join").expect("run it");
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "a duplicate node started: {stderr}");
+        assert!(stderr.contains("node id n1 is registered by another live session"), "{stderr}");
+
+        // n1 was not displaced: same registration, and it still runs tasks.
+        let now = observer.coord.exists(&registration).await.unwrap().expect("n1 is still registered").ephemeral_owner;
+        assert_eq!(now, owner, "the registration changed hands");
+        let address = node(&mut nodes, "n1").address().to_string();
+        let task = observer.create(&address, 1).await;
+        let done = wait_state(observer.coord(), task.id, TaskState::Succeeded, WAIT).await;
+        assert_eq!(done.runner.as_ref().map(|r| r.as_str()), Some("n1"));
+    })
+    .await;
+}

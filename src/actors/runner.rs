@@ -169,7 +169,9 @@ impl Runner {
     }
 }
 
-/// Creates the registration node; replaces one left by an earlier session of this node.
+/// Creates the registration node. One held by another session (a duplicate node id, or an
+/// earlier session of this node not yet expired) is left alone: `NodeExists`, and the caller
+/// retries.
 async fn register(store: &TaskStore, info: &RunnerInfo) -> Result<(), CoordError> {
     let coord = store.coordination();
     let path = layout::runner(&info.node);
@@ -179,11 +181,12 @@ async fn register(store: &TaskStore, info: &RunnerInfo) -> Result<(), CoordError
             Err(CoordError::NodeExists { .. }) => match coord.exists(&path).await? {
                 Some(stat) if stat.ephemeral_owner == coord.session_id() => return Ok(()),
                 Some(stat) => {
-                    warn!(node = %info.node, owner = stat.ephemeral_owner, "replacing a registration of an earlier session of this node");
-                    match coord.delete(&path, Some(stat.version)).await {
-                        Ok(()) | Err(CoordError::NoNode { .. }) => continue,
-                        Err(e) => return Err(e),
-                    }
+                    // Never displace another session's registration: a live node with this id
+                    // keeps it; an earlier session's vanishes when it expires, and the caller
+                    // retries until then.
+                    return Err(CoordError::NodeExists {
+                        path: format!("{path} (registered by session {:#x}, not this one)", stat.ephemeral_owner),
+                    });
                 }
                 None => continue,
             },

@@ -13,7 +13,7 @@
 //! async task. Opening validates the file (schema and every record); a file that fails is wiped
 //! and recreated empty, for ZooKeeper is the truth and the follower refills it.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use heed::types::{Bytes, Str, Unit};
@@ -26,6 +26,9 @@ use crate::model::{Task, TaskId, TaskState, VipConfig};
 /// Virtual size reserved for the map. LMDB grows the file as needed up to this; 1 GiB holds
 /// about a million tasks.
 pub const MAP_SIZE_BYTES: usize = 1 << 30;
+/// Written before the file is mapped, removed once it validated (see [`TaskCache::open`]).
+const OPENING_MARKER: &str = "opening";
+
 /// Bump when the layout above changes: an older file is wiped and refilled.
 const SCHEMA_VERSION: &[u8] = b"1";
 
@@ -56,21 +59,42 @@ pub struct TaskCache {
 impl TaskCache {
     /// Opens (or creates) the cache in directory `dir`. A file that cannot be opened, has another
     /// schema, or holds an undecodable record is wiped and recreated.
+    ///
+    /// A damaged file can crash the process inside LMDB (`SIGBUS`, `SIGSEGV`) before any check
+    /// can refuse it. So an `opening` marker is written before the file is mapped and removed
+    /// once it has been validated: a marker found at the next open means that open never
+    /// finished, and the file is wiped before LMDB maps it. A node never crash-loops on its cache.
     pub fn open(dir: &Path) -> Result<TaskCache, CacheError> {
-        match Self::open_checked(dir) {
-            Ok(cache) => Ok(cache),
+        let io = |path: &Path, e: std::io::Error| CacheError::Io { path: path.to_path_buf(), source: e.into() };
+        fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let marker = dir.join(OPENING_MARKER);
+        if marker.exists() {
+            warn!(dir = %dir.display(), "the last opening of the task cache did not finish (the process died in it); wiping the cache, ZooKeeper will refill it");
+            Self::wipe(dir)?;
+        }
+        fs::write(&marker, std::process::id().to_string()).map_err(|e| io(&marker, e))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+        let cache = match Self::open_checked(dir) {
+            Ok(cache) => cache,
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "task cache unusable; wiping it, ZooKeeper will refill it");
-                for file in ["data.mdb", "lock.mdb"] {
-                    match fs::remove_file(dir.join(file)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(CacheError::Io { path: dir.join(file), source: e.into() }),
-                    }
-                }
-                Self::open_checked(dir)
+                Self::wipe(dir)?;
+                Self::open_checked(dir)?
+            }
+        };
+        fs::remove_file(&marker).map_err(|e| io(&marker, e))?;
+        Ok(cache)
+    }
+
+    fn wipe(dir: &Path) -> Result<(), CacheError> {
+        for file in ["data.mdb", "lock.mdb"] {
+            match fs::remove_file(dir.join(file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CacheError::Io { path: dir.join(file), source: e.into() }),
             }
         }
+        Ok(())
     }
 
     fn open_checked(dir: &Path) -> Result<TaskCache, CacheError> {
@@ -345,6 +369,23 @@ fn created_key(created_ms: i64, id: &TaskId) -> [u8; 24] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_opening_that_never_finished_wipes_the_file_before_it_is_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let vips = [VipConfig::new("svc", vec!["198.51.100.7".parse().unwrap()]).unwrap()];
+        let cache = TaskCache::open(dir.path()).unwrap();
+        cache.put_vips(&vips).unwrap();
+        drop(cache);
+        assert!(!dir.path().join(OPENING_MARKER).exists(), "a finished opening leaves no marker");
+        // A clean reopen keeps what the file holds.
+        assert_eq!(TaskCache::open(dir.path()).unwrap().vips().unwrap(), vips);
+        // The process died while opening (inside LMDB, on a damaged page): the marker stayed.
+        fs::write(dir.path().join(OPENING_MARKER), "4242").unwrap();
+        let cache = TaskCache::open(dir.path()).unwrap();
+        assert!(cache.vips().unwrap().is_empty(), "the file was wiped before it was mapped");
+        assert!(!dir.path().join(OPENING_MARKER).exists());
+    }
 
     #[test]
     fn time_keys_sort_like_numbers() {

@@ -79,6 +79,19 @@ pub enum StartError {
         /// The cluster's.
         cluster: ScheduleSettings,
     },
+    /// Another live process runs with this node's id: its runner registration belongs to a
+    /// session that did not expire within the wait (a crashed earlier run of this node would
+    /// have). Final: give each node its own id.
+    #[error(
+        "node id {node} is registered by another live session ({session:#x}): another task server runs with this \
+         node id; give each node its own"
+    )]
+    DuplicateNode {
+        /// The id.
+        node: NodeId,
+        /// The session that holds the registration.
+        session: i64,
+    },
 }
 
 /// A validated node configuration; [`TaskCenter::start`] runs it.
@@ -241,6 +254,41 @@ impl RequestHandler for NodeHandler {
     }
 }
 
+/// Refuses to start while another live session holds this node's runner registration. A
+/// registration of an earlier run of this node that crashed vanishes when that session expires,
+/// so it waits up to twice this session's timeout for that before it refuses.
+async fn check_identity(coord: &dyn Coordination, node: &NodeId) -> Result<(), StartError> {
+    let path = crate::store::layout::runner(node);
+    let deadline = tokio::time::Instant::now() + coord.session_timeout() * 2;
+    let mut delay = START_RETRY_MIN;
+    loop {
+        let (stat, watch) = match coord.exists_watch(&path).await {
+            Ok(found) => found,
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(START_RETRY_MAX);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match stat {
+            None => return Ok(()),
+            Some(stat) if stat.ephemeral_owner == coord.session_id() => return Ok(()),
+            Some(stat) if tokio::time::Instant::now() >= deadline => {
+                return Err(StartError::DuplicateNode { node: node.clone(), session: stat.ephemeral_owner });
+            }
+            Some(stat) => {
+                info!(
+                    %node, session = format_args!("{:#x}", stat.ephemeral_owner),
+                    "this node id is registered by another session; waiting for it to expire (an earlier run that \
+                     crashed) before refusing to start"
+                );
+                let _ = tokio::time::timeout_at(deadline, watch).await;
+            }
+        }
+    }
+}
+
 /// Starts everything on the node's thread; returns the parts for the handle and the future that
 /// runs until shutdown.
 async fn boot(
@@ -277,7 +325,7 @@ async fn boot(
         if cluster != ours {
             return Err(StartError::ScheduleMismatch { node: ours.clone(), cluster });
         }
-        Ok(())
+        check_identity(coord.as_ref(), &config.node).await
     };
     if let Err(e) = agreed.await {
         coord.close().await;

@@ -140,7 +140,7 @@ impl NodeConfig {
         }
     }
 
-    fn args(&self, data_dir: &Path) -> Vec<String> {
+    pub fn args(&self, data_dir: &Path) -> Vec<String> {
         let mut args = vec![
             "--node-id".to_string(),
             self.node_id.clone(),
