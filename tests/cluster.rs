@@ -1846,3 +1846,30 @@ async fn a_second_node_with_a_live_nodes_id_refuses_to_start_and_displaces_nothi
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cluster_secret_refuses_to_start() {
+    init_tracing();
+    within(CASE, "a wrong cluster secret", async {
+        let connect = shared_zk().connect_string(&unique_chroot("wrong-secret"));
+        let observer = Observer::connect(&connect).await;
+        let _nodes = start_nodes(&[node_config("n1", &connect, SESSION_MS, 2)]).await;
+        observer.wait_runners(1).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut stranger = Command::new(example_binary("task_server"));
+        stranger
+            .args(node_config("n2", &connect, SESSION_MS, 2).args(dir.path()))
+            .env("TASK_CENTER_SECRET", "another-secret-0123456789abcdef")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        let run = tokio::task::spawn_blocking(move || stranger.output());
+        let output = within(Duration::from_secs(40), "the stranger exits", run).await.expect("join").expect("run it");
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "a node with another secret started: {stderr}");
+        assert!(stderr.contains("cluster secret is not the cluster's"), "{stderr}");
+        // It never registered as a runner, so no task can be assigned to a node nobody can call.
+        let runners = observer.coord.children(layout::RUNNERS).await.expect("list runners");
+        assert_eq!(runners, vec!["n1".to_string()]);
+    })
+    .await;
+}

@@ -79,6 +79,13 @@ pub enum StartError {
         /// The cluster's.
         cluster: ScheduleSettings,
     },
+    /// This node's cluster secret is not the cluster's (its verifier differs from the one the
+    /// first node stored in `/config/secret-verifier`): its peers could not call it. Final.
+    #[error(
+        "this node's cluster secret is not the cluster's (the verifier in /config/secret-verifier differs); start it \
+         with the secret the other nodes use"
+    )]
+    WrongSecret,
     /// Another live process runs with this node's id: its runner registration belongs to a
     /// session that did not expire within the wait (a crashed earlier run of this node would
     /// have). Final: give each node its own id.
@@ -254,6 +261,31 @@ impl RequestHandler for NodeHandler {
     }
 }
 
+/// Connects to ZooKeeper, trying again with backoff (and saying where it tries) while no server
+/// answers: a node started before its ensemble, or during an outage, waits for it instead of
+/// exiting. A connect string that cannot work (no host, a bad chroot) is refused at once.
+async fn connect_zookeeper(node: &NodeId, config: crate::coord::ZkConfig) -> Result<ZkCoordination, StartError> {
+    let mut delay = START_RETRY_MIN;
+    let mut attempts = 0u32;
+    loop {
+        match ZkCoordination::connect(config.clone()).await {
+            Ok(coord) => {
+                if attempts > 0 {
+                    info!(%node, zookeeper = %config.connect, "reached ZooKeeper");
+                }
+                return Ok(coord);
+            }
+            Err(e) if e.is_transient() => {
+                attempts += 1;
+                warn!(%node, zookeeper = %config.connect, error = %e, attempts, "cannot reach ZooKeeper yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(START_RETRY_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Refuses to start while another live session holds this node's runner registration. A
 /// registration of an earlier run of this node that crashed vanishes when that session expires,
 /// so it waits up to twice this session's timeout for that before it refuses.
@@ -298,7 +330,7 @@ async fn boot(
     // Before ZooKeeper answers (it may not): this node does not lead, so it holds no VIP.
     crate::actors::vip::drop_cached_vips(config.data_dir.join("cache"), &config.vips).await;
     let coord: Arc<dyn Coordination> = match config.coordination {
-        CoordinationConfig::ZooKeeper(zk) => Arc::new(ZkCoordination::connect(zk).await?),
+        CoordinationConfig::ZooKeeper(zk) => Arc::new(connect_zookeeper(&config.node, zk).await?),
         CoordinationConfig::Embedded(server) => Arc::new(server.connect()),
         CoordinationConfig::Custom(coordination) => coordination,
     };
@@ -310,10 +342,19 @@ async fn boot(
         let cluster = loop {
             let attempt = async {
                 store.init().await?;
-                store.agree_schedule(&ours).await
+                let verifier = match config.transport.cluster_verifier() {
+                    Some(ours) => Some((store.agree_verifier(&ours).await?, ours)),
+                    None => None,
+                };
+                Ok::<_, StoreError>((store.agree_schedule(&ours).await?, verifier))
             };
             match attempt.await {
-                Ok(cluster) => break cluster,
+                Ok((cluster, verifier)) => {
+                    if verifier.is_some_and(|(cluster, ours)| cluster != ours) {
+                        return Err(StartError::WrongSecret);
+                    }
+                    break cluster;
+                }
                 Err(e) if e.is_transient() => {
                     warn!(node = %config.node, error = %e, "the coordination service did not answer while starting; retrying");
                     tokio::time::sleep(delay).await;

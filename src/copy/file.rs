@@ -173,8 +173,8 @@ pub enum SnapshotMethod {
 /// documents the design and its limits in full.
 ///
 /// ```
-/// use task_center::copy::{CopyBackend, FileBackend, VolumeRef};
-/// use task_center::model::{SnapshotId, VolumeId};
+/// use task_center::copy::{BackendError, CopyBackend, FileBackend, VolumeRef, WriterLease};
+/// use task_center::model::{SnapshotId, TaskId, VolumeId};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -183,13 +183,19 @@ pub enum SnapshotMethod {
 /// let volume = VolumeRef { hosts: vec!["198.51.100.1:10201".into()], volume: VolumeId::new("vol-a")? };
 /// backend.create_volume(&volume, 64 << 20).await?; // 64 MiB, sparse
 ///
-/// let target = backend.open_target(&volume).await?;
+/// // Written under a writer lease: a task and the epoch of its claim.
+/// let lease = WriterLease::new(TaskId::generate(), 7);
+/// let target = backend.open_target(&volume, &lease).await?;
 /// target.write(1 << 20, vec![7; 4096]).await?;
 /// target.flush().await?;
 /// assert_eq!(target.allocated(0..64 << 20).await?, vec![(1 << 20)..(1 << 20) + 4096]);
-///
-/// backend.create_snapshot(&volume, &SnapshotId::new("s1")?).await?;
+/// target.snapshot(&SnapshotId::new("s1")?).await?;
 /// assert!(backend.snapshot_path(&volume, &SnapshotId::new("s1")?).ends_with("snapshots/vol-a/s1.img"));
+/// drop(target); // lets the writer lock go
+///
+/// // A writer under an older lease is refused, even once the newer one has let go.
+/// let stale = WriterLease::new(TaskId::generate(), 6);
+/// assert!(matches!(backend.open_target(&volume, &stale).await, Err(BackendError::Fenced(_))));
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug)]

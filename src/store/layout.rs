@@ -14,6 +14,8 @@
 //! /vips/<service>                         VIP configuration (VipConfig)    writer: dispatcher
 //! /config/schedule                        the cluster's time zone and default run window
 //!                                         (ScheduleSettings)               writer: the first node to start
+//! /config/secret-verifier                 one-way verifier of the cluster secret (hex)
+//!                                                                          writer: the first node to start
 //! ```
 //!
 //! Sequential names carry a random token before the sequence number, so that a session that lost
@@ -34,6 +36,8 @@ pub const VIPS: &str = "/vips";
 pub const CONFIG: &str = "/config";
 /// The cluster's time zone and default run window, which every node must share.
 pub const SCHEDULE: &str = "/config/schedule";
+/// A one-way verifier of the cluster's transport credential (the TCP cluster secret).
+pub const SECRET_VERIFIER: &str = "/config/secret-verifier";
 /// The persistent parents, created when a cluster first starts.
 pub const ROOTS: [&str; 5] = [TASKS, ELECTION, RUNNERS, VIPS, CONFIG];
 

@@ -146,6 +146,19 @@ impl TaskStore {
         }
     }
 
+    /// The cluster's transport-credential verifier: `ours` if none was stored yet (stored now),
+    /// else the stored one, which the caller compares with its own. Never overwrites.
+    pub async fn agree_verifier(&self, ours: &str) -> Result<String> {
+        match self.coord.create(layout::SECRET_VERIFIER, ours.as_bytes(), CreateMode::Persistent).await {
+            Ok(_) => Ok(ours.to_string()),
+            Err(CoordError::NodeExists { .. }) => {
+                let (data, _) = self.coord.get(layout::SECRET_VERIFIER).await?;
+                Ok(String::from_utf8_lossy(&data).into_owned())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Stores a new task, all three records at once. Idempotent: creating an id that exists with
     /// the same spec returns the stored task (a client retrying after a lost answer); with a
     /// different spec it is [`StoreError::AlreadyExists`].

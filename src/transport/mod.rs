@@ -140,4 +140,14 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Sends one request to the node at `address` and waits for its reply, at most `timeout`.
     async fn call(&self, address: &str, request: PeerRequest, timeout: Duration) -> Result<PeerReply, TransportError>;
+
+    /// A public, one-way verifier of the credential nodes authenticate each other with (for
+    /// TCP, derived from the cluster secret), if the transport has one. The first node of a
+    /// cluster stores it in the coordination service and every later node compares its own, so a
+    /// node with another secret refuses to start with a clear error instead of joining a cluster
+    /// whose nodes cannot call it. It must not reveal the credential. `None` (the default): no
+    /// check.
+    fn cluster_verifier(&self) -> Option<String> {
+        None
+    }
 }

@@ -151,6 +151,19 @@ impl std::fmt::Debug for TcpTransport {
 
 #[async_trait]
 impl Transport for TcpTransport {
+    /// BLAKE3 in key-derivation mode over the cluster secret, in hex: one-way, so it tells a
+    /// wrong secret apart without revealing the right one (given a secret of the 16 bytes or more
+    /// the configuration requires, drawn at random as it should be).
+    fn cluster_verifier(&self) -> Option<String> {
+        let secret = &self.inner.settings.config.secret;
+        Some(
+            blake3::derive_key("task-center 2026 cluster secret verifier", secret)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
+    }
+
     async fn listen(&self, address: &str, handler: Arc<dyn RequestHandler>) -> Result<Listener, TransportError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(TransportError::Closed);
