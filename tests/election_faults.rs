@@ -1,7 +1,8 @@
 //! The election under lost replies: a reply that ZooKeeper's client never gets after the server
 //! applied the call (the candidate's create, the listing right after it), injected by
-//! [`FaultyCoordination`] around the embedded service. After the faults stop, exactly one node
-//! leads, every node has exactly one candidate, and requests are served again.
+//! [`FaultyCoordination`] around the embedded service and around a real ZooKeeper. After the
+//! faults stop, exactly one node leads, every node has exactly one candidate, and requests are
+//! served again; no accepted task is lost.
 
 mod common;
 
@@ -9,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::tasks::{spec, wait_state};
-use task_center::coord::{CallKind, Coordination, EmbeddedServer, Faults, FaultyCoordination, LoseNext};
+use task_center::coord::{
+    CallKind, Coordination, EmbeddedServer, Faults, FaultyCoordination, LoseNext, ZkConfig, ZkCoordination,
+};
 use task_center::exec::SimulatedExecutor;
 use task_center::model::TaskState;
 use task_center::store::layout;
@@ -20,20 +23,45 @@ use task_center::{TaskCenter, TaskCenterHandle};
 const LEADER_BOUND: Duration = Duration::from_secs(12);
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The coordination service the nodes share.
+#[derive(Clone, Copy, Debug)]
+enum Service {
+    Embedded,
+    ZooKeeper,
+}
+
 struct Cluster {
     server: EmbeddedServer,
+    /// The connect string (with a chroot of this cluster's own) for [`Service::ZooKeeper`].
+    zookeeper: Option<String>,
     network: InProcessNetwork,
     dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    fn new() -> Self {
+    fn new(service: Service) -> Self {
         common::init_tracing();
-        Cluster { server: EmbeddedServer::new(), network: InProcessNetwork::new(), dir: tempfile::tempdir().unwrap() }
+        let zookeeper = match service {
+            Service::Embedded => None,
+            Service::ZooKeeper => Some(common::shared_zk().connect_string(&common::unique_chroot("election-faults"))),
+        };
+        let (server, network, dir) = (EmbeddedServer::new(), InProcessNetwork::new(), tempfile::tempdir().unwrap());
+        Cluster { server, zookeeper, network, dir }
+    }
+
+    /// A new session on the cluster's service.
+    async fn session(&self) -> Arc<dyn Coordination> {
+        match &self.zookeeper {
+            None => Arc::new(self.server.connect()),
+            Some(connect) => {
+                let config = ZkConfig { session_timeout_ms: 4_000, ..ZkConfig::new(connect.clone()) };
+                Arc::new(ZkCoordination::connect(config).await.expect("connect to ZooKeeper"))
+            }
+        }
     }
 
     async fn node(&self, name: &str, faults: Faults) -> (TaskCenterHandle, FaultyCoordination) {
-        let faulty = FaultyCoordination::new(Arc::new(self.server.connect()));
+        let faulty = FaultyCoordination::new(self.session().await);
         faulty.set_faults(faults);
         let handle = TaskCenter::builder()
             .node_id(name)
@@ -74,9 +102,23 @@ async fn one_leader(observer: &dyn Coordination, nodes: &[&TaskCenterHandle]) ->
     .await
 }
 
-async fn lost_reply_case(kind: CallKind, path_prefix: &str, after: u32) {
-    let cluster = Cluster::new();
-    let observer: Arc<dyn Coordination> = Arc::new(cluster.server.connect());
+/// Waits until a finished task holds no claim (an orphan claim would block it if it ran again).
+async fn no_claim_left(observer: &dyn Coordination, id: task_center::model::TaskId) {
+    common::within(WAIT, "the finished task's claim is released", async {
+        loop {
+            let (claims, watch) = observer.children_watch(&layout::locks(&id)).await.unwrap();
+            if claims.is_empty() {
+                return;
+            }
+            watch.await;
+        }
+    })
+    .await;
+}
+
+async fn lost_reply_case(service: Service, kind: CallKind, path_prefix: &str, after: u32) {
+    let cluster = Cluster::new(service);
+    let observer = cluster.session().await;
     // a's first reply of this kind is lost after the server applied the call.
     let rule = LoseNext { kind, path_prefix: path_prefix.into(), after, count: 1 };
     let lose = Faults { lose_next: vec![rule], ..Faults::default() };
@@ -95,21 +137,40 @@ async fn lost_reply_case(kind: CallKind, path_prefix: &str, after: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_to_the_candidates_create_leaves_no_orphan() {
-    lost_reply_case(CallKind::Create, "/election/", 0).await;
+    lost_reply_case(Service::Embedded, CallKind::Create, "/election/", 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_to_the_listing_after_the_create_leaves_no_orphan() {
     // The first listing looks for an earlier candidate of the session; the second follows the
     // create.
-    lost_reply_case(CallKind::Children, "/election", 1).await;
+    lost_reply_case(Service::Embedded, CallKind::Children, "/election", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_a_lost_reply_to_the_candidates_create_leaves_no_orphan() {
+    lost_reply_case(Service::ZooKeeper, CallKind::Create, "/election/", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_a_lost_reply_to_the_listing_after_the_create_leaves_no_orphan() {
+    lost_reply_case(Service::ZooKeeper, CallKind::Children, "/election", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_lost_replies_and_delays_then_one_leader_and_no_lost_task() {
-    for seed in [1, 2, 3] {
-        let cluster = Cluster::new();
-        let observer: Arc<dyn Coordination> = Arc::new(cluster.server.connect());
+    seeded_faults(Service::Embedded, &[1, 2, 3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_seeded_lost_replies_and_delays_then_one_leader_and_no_lost_task() {
+    seeded_faults(Service::ZooKeeper, &[11, 12]).await;
+}
+
+async fn seeded_faults(service: Service, seeds: &[u64]) {
+    for &seed in seeds {
+        let cluster = Cluster::new(service);
+        let observer = cluster.session().await;
         let faults = Faults { lose_probability: 0.15, max_delay: Duration::from_millis(20), seed, ..Faults::default() };
         let (a, fa) = cluster.node("a", Faults::default()).await;
         let (b, fb) = cluster.node("b", Faults::default()).await;
@@ -134,11 +195,12 @@ async fn seeded_lost_replies_and_delays_then_one_leader_and_no_lost_task() {
         fa.set_faults(Faults::default());
         fb.set_faults(Faults::default());
         assert!(fa.lost_replies() + fb.lost_replies() > 0, "seed {seed}: no fault was injected");
-        let leader = one_leader(observer.as_ref(), &[&a, &b]).await;
+        assert!(!accepted.is_empty(), "seed {seed}: no create went through");
+        one_leader(observer.as_ref(), &[&a, &b]).await;
         for id in &accepted {
             wait_state(observer.as_ref(), *id, TaskState::Succeeded, WAIT).await;
+            no_claim_left(observer.as_ref(), *id).await;
         }
-        let _ = leader;
         a.shutdown().await;
         b.shutdown().await;
     }
