@@ -18,8 +18,9 @@
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
-//! // A single node on the embedded defaults: in-process coordination and transport, and the
-//! // file backend. A cluster sets `.zookeeper(ZkConfig::new("zk1:2181,zk2:2181/task-center"))`,
+//! // A single node on the embedded defaults: in-process coordination (journaled under the data
+//! // directory, so the node restarts with its tasks) and transport, and the file backend.
+//! // A cluster sets `.zookeeper(ZkConfig::new("zk1:2181,zk2:2181/task-center"))`,
 //! // a `TcpTransport` and its own `CopyBackend` over the daemon's block service.
 //! let backend = FileBackend::new(dir.path().join("volumes"));
 //! let node = TaskCenter::builder()

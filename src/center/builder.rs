@@ -42,6 +42,9 @@ pub enum CoordinationConfig {
     ZooKeeper(ZkConfig),
     /// An in-process service; nodes of one process share it by sharing the server value.
     Embedded(EmbeddedServer),
+    /// An in-process service of this node alone, durable in this directory (see
+    /// [`EmbeddedServer::open`]): the default, under the data directory.
+    Durable(PathBuf),
     /// A handle the host made itself: its own [`Coordination`] implementation, or one of the
     /// crate's wrapped (for instance in a [`FaultyCoordination`](crate::coord::FaultyCoordination)
     /// to test under lost replies). The node closes it at shutdown.
@@ -147,7 +150,10 @@ impl TaskCenterBuilder {
     }
 
     /// Coordinate through an embedded in-process service shared with the other nodes of this
-    /// process. Default: a new embedded service of this node alone.
+    /// process (in memory from [`EmbeddedServer::new`], or durable from [`EmbeddedServer::open`]).
+    /// Default: an embedded service of this node alone, durable under the data directory
+    /// (`<data-dir>/coordination`), so a single node keeps its tasks across restarts when its
+    /// data directory is stable.
     pub fn embedded(mut self, server: EmbeddedServer) -> Self {
         self.coordination = Some(CoordinationConfig::Embedded(server));
         self
@@ -159,9 +165,10 @@ impl TaskCenterBuilder {
         self
     }
 
-    /// Directory for the node's files (the LMDB task cache under `cache/`). Default: a directory
-    /// under the system's temporary directory named after the node and the process, which does
-    /// not survive a reboot: set it in production.
+    /// Directory for the node's files (the LMDB task cache under `cache/`, and the default
+    /// embedded coordination's journal under `coordination/`). Default: a directory under the
+    /// system's temporary directory named after the node and the process, so a restarted
+    /// process starts empty: set it for anything that must outlive the process.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self
@@ -337,7 +344,9 @@ impl TaskCenterBuilder {
         Ok(TaskCenter {
             node,
             listen,
-            coordination: self.coordination.unwrap_or_else(|| CoordinationConfig::Embedded(EmbeddedServer::new())),
+            coordination: self
+                .coordination
+                .unwrap_or_else(|| CoordinationConfig::Durable(data_dir.join("coordination"))),
             data_dir: data_dir.clone(),
             transport: self.transport.unwrap_or_else(|| Arc::new(InProcessNetwork::new())),
             executor: self

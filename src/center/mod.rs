@@ -26,7 +26,7 @@ use crate::actors::{Dispatcher, LeaderStatus, Runner, VipReport, VipServer, VipS
 use crate::api::{ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad};
 use crate::cache::{CacheError, TaskMirror};
 use crate::clock::Clock;
-use crate::coord::{CoordError, Coordination, SessionStatus, ZkCoordination};
+use crate::coord::{CoordError, Coordination, EmbeddedServer, SessionStatus, ZkCoordination};
 use crate::exec::{StopToken, TaskExecutor};
 use crate::model::{NodeId, RunWindow, Task, TaskId, TaskSpec};
 use crate::schedule::{Schedule, ScheduleSettings};
@@ -333,6 +333,13 @@ async fn boot(
         CoordinationConfig::ZooKeeper(zk) => Arc::new(connect_zookeeper(&config.node, zk).await?),
         CoordinationConfig::Embedded(server) => Arc::new(server.connect()),
         CoordinationConfig::Custom(coordination) => coordination,
+        CoordinationConfig::Durable(dir) => {
+            let opened = tokio::task::spawn_blocking(move || EmbeddedServer::open(dir)).await;
+            let server = opened
+                .map_err(|e| StartError::Thread(e.to_string()))?
+                .map_err(|e| StartError::Coordination(CoordError::Other(format!("embedded coordination: {e}"))))?;
+            Arc::new(server.connect())
+        }
     };
     let store = TaskStore::new(coord.clone(), config.clock.clone());
     let ours = config.schedule.settings();

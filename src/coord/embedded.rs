@@ -45,6 +45,7 @@ use futures::stream::Stream;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::journal::{Entry, Journal, NodeRecord, StatRecord};
 use super::{
     check_path, parent, CoordError, Coordination, CreateMode, EventKind, Op, OpResult, Result, SessionState,
     SessionStatus, Stat, TreeWatch, Version, Watch, WatchEvent, MAX_DATA_BYTES,
@@ -73,6 +74,50 @@ impl EmbeddedServer {
     /// A server holding an empty tree (only the root `/`).
     pub fn new() -> EmbeddedServer {
         EmbeddedServer::default()
+    }
+
+    /// A server whose tree is **durable** in `dir`: every committed transaction is journaled and
+    /// `fdatasync`ed before its answer, and a server opened again on the directory (after a
+    /// restart, or a crash of the process or the machine) has every persistent node, and
+    /// transaction ids that go on growing; ephemeral nodes are not kept (their sessions ended
+    /// with the process). One process at a time may have the directory open. See
+    /// `coord/journal.rs` for the files. A single node on it can promise what one ZooKeeper
+    /// server without replicas promises: nothing answered is lost while its disk lives; nothing
+    /// survives the loss of that disk.
+    pub fn open(dir: impl AsRef<std::path::Path>) -> std::io::Result<EmbeddedServer> {
+        let (journal, recovered) = Journal::open(dir.as_ref())?;
+        let shared = Shared::default();
+        {
+            let mut tree = shared.lock();
+            tree.zxid = recovered.zxid;
+            for (path, record) in recovered.nodes {
+                let node = Node {
+                    data: record.data,
+                    stat: record.stat.stat(0),
+                    creates: record.creates,
+                    children: BTreeSet::new(),
+                };
+                tree.nodes.insert(path, node);
+            }
+            let paths: Vec<String> = tree.nodes.keys().filter(|p| p.as_str() != "/").cloned().collect();
+            for path in paths {
+                if let Some(parent_node) = tree.nodes.get_mut(parent(&path)) {
+                    parent_node.children.insert(name(&path).to_string());
+                }
+            }
+            for node in tree.nodes.values_mut() {
+                node.stat.num_children = node.children.len() as i32;
+            }
+            tree.journal = Some(journal);
+        }
+        Ok(EmbeddedServer { shared: Arc::new(shared) })
+    }
+
+    #[cfg(test)]
+    fn compact_after(&self, frames: u64) {
+        if let Some(journal) = &mut self.shared.lock().journal {
+            journal.set_compact_after(frames);
+        }
     }
 
     /// Opens a new session: the handle starts [`Connected`](SessionState::Connected) at
@@ -366,6 +411,7 @@ impl Default for Shared {
             data_watches: HashMap::new(),
             child_watches: HashMap::new(),
             tree_watches: Vec::new(),
+            journal: None,
         };
         Shared { tree: Mutex::new(tree) }
     }
@@ -390,6 +436,8 @@ struct Tree {
     /// One-shot watches set by `children_watch`.
     child_watches: HashMap<String, Vec<OneShot>>,
     tree_watches: Vec<TreeSub>,
+    /// Where committed transactions go before they are answered, for a durable server.
+    journal: Option<Journal>,
 }
 
 #[derive(Clone, Debug)]
@@ -505,15 +553,41 @@ impl Tree {
             Txn { nodes: &mut self.nodes, zxid, now_ms: now_ms(), session, undo: Vec::new(), changes: Vec::new() };
         match f(&mut txn) {
             Ok(value) => {
+                if let Some(journal) = &mut self.journal {
+                    let entry = Entry { zxid, nodes: txn.records() };
+                    if let Err(e) = journal.append(&entry) {
+                        txn.rollback();
+                        return Err(CoordError::Other(format!("embedded coordination cannot persist a change: {e}")));
+                    }
+                }
                 let changes = txn.changes;
                 self.zxid = zxid;
                 self.fire(changes);
+                self.compact();
                 Ok(value)
             }
             Err(e) => {
                 txn.rollback();
                 Err(e)
             }
+        }
+    }
+
+    /// Folds the journal into a snapshot when it has grown long. A failure is logged and retried
+    /// at the next transaction: the journal still holds everything.
+    fn compact(&mut self) {
+        let Some(journal) = &mut self.journal else { return };
+        if !journal.wants_compaction() {
+            return;
+        }
+        let nodes = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.stat.ephemeral_owner == 0)
+            .map(|(path, node)| (path.clone(), record(node)))
+            .collect();
+        if let Err(e) = journal.compact(self.zxid, nodes) {
+            tracing::warn!(error = %e, "embedded coordination: cannot write a snapshot; the journal keeps growing");
         }
     }
 
@@ -687,6 +761,30 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// The persistent state, after the transaction, of every node it touched (`None`: gone, or
+    /// ephemeral), for the journal.
+    fn records(&self) -> Vec<(String, Option<NodeRecord>)> {
+        let mut paths: Vec<&str> = Vec::new();
+        for undo in &self.undo {
+            let (path, parent_too) = match undo {
+                Undo::Created { path, .. } | Undo::Deleted { path, .. } => (path.as_str(), true),
+                Undo::Set { path, .. } => (path.as_str(), false),
+            };
+            for p in [Some(path), parent_too.then(|| parent(path))].into_iter().flatten() {
+                if !paths.contains(&p) {
+                    paths.push(p);
+                }
+            }
+        }
+        paths
+            .into_iter()
+            .map(|path| {
+                let node = self.nodes.get(path).filter(|node| node.stat.ephemeral_owner == 0);
+                (path.to_string(), node.map(record))
+            })
+            .collect()
+    }
+
     fn check(&self, path: &str, version: Version) -> Result<()> {
         let Some(node) = self.nodes.get(path) else {
             return Err(CoordError::NoNode { path: path.to_string() });
@@ -835,6 +933,11 @@ fn zero_stat() -> Stat {
     Stat { version: 0, cversion: 0, czxid: 0, mzxid: 0, ctime_ms: 0, mtime_ms: 0, ephemeral_owner: 0, num_children: 0 }
 }
 
+/// A persistent node as the journal records it.
+fn record(node: &Node) -> NodeRecord {
+    NodeRecord { data: node.data.clone(), stat: StatRecord::from(&node.stat), creates: node.creates }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
@@ -854,6 +957,79 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_durable_server_keeps_persistent_nodes_and_zxids_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last_zxid, sequence) = {
+            let server = EmbeddedServer::open(dir.path()).unwrap();
+            server.compact_after(5);
+            let c = server.connect();
+            c.create("/a", b"one", CreateMode::Persistent).await.unwrap();
+            c.create("/a/b", b"two", CreateMode::Persistent).await.unwrap();
+            c.set("/a", b"three", Some(0)).await.unwrap();
+            let seq = c.create("/a/s-", b"", CreateMode::PersistentSequential).await.unwrap();
+            c.create("/a/e", b"", CreateMode::Ephemeral).await.unwrap();
+            c.multi(vec![
+                Op::Create { path: "/m".into(), data: b"m".to_vec(), mode: CreateMode::Persistent },
+                Op::Delete { path: "/a/b".into(), expected: None },
+            ])
+            .await
+            .unwrap();
+            // A failed multi changes nothing, durable or not.
+            let failed = c.multi(vec![
+                Op::Create { path: "/n".into(), data: vec![], mode: CreateMode::Persistent },
+                Op::Check { path: "/a".into(), version: 0 },
+            ]);
+            assert!(failed.await.is_err());
+            for i in 0..7 {
+                c.set("/m", format!("m{i}").as_bytes(), None).await.unwrap();
+            }
+            let (_, stat) = c.get("/m").await.unwrap();
+            c.close().await;
+            (stat.mzxid, seq)
+        };
+        assert!(dir.path().join("snapshot").exists(), "the journal was folded into a snapshot");
+        let server = EmbeddedServer::open(dir.path()).unwrap();
+        let c = server.connect();
+        assert_eq!(c.get("/a").await.unwrap().0, b"three");
+        assert_eq!(c.get("/a").await.unwrap().1.version, 1);
+        assert_eq!(c.get("/m").await.unwrap().0, b"m6");
+        assert!(c.exists("/a/b").await.unwrap().is_none());
+        assert!(c.exists("/n").await.unwrap().is_none());
+        assert!(c.exists("/a/e").await.unwrap().is_none(), "ephemeral nodes end with their session");
+        assert_eq!(c.children("/a").await.unwrap(), vec![sequence.rsplit('/').next().unwrap().to_string()]);
+        assert_eq!(c.exists("/a").await.unwrap().unwrap().num_children, 1);
+        // Transaction ids and sequence numbers go on from where they were.
+        let next = c.create("/a/s-", b"", CreateMode::PersistentSequential).await.unwrap();
+        assert!(next > sequence, "{next} after {sequence}");
+        assert!(c.exists(&next).await.unwrap().unwrap().czxid > last_zxid);
+        // One process at a time.
+        assert!(EmbeddedServer::open(dir.path()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_torn_journal_tail_is_dropped_and_what_was_answered_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let server = EmbeddedServer::open(dir.path()).unwrap();
+            let c = server.connect();
+            c.create("/kept", b"yes", CreateMode::Persistent).await.unwrap();
+            c.close().await;
+        }
+        // A crash in the middle of the next append: half a frame at the end.
+        let mut journal = std::fs::OpenOptions::new().append(true).open(dir.path().join("journal")).unwrap();
+        std::io::Write::write_all(&mut journal, &[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(journal);
+        let server = EmbeddedServer::open(dir.path()).unwrap();
+        let c = server.connect();
+        assert_eq!(c.get("/kept").await.unwrap().0, b"yes");
+        c.create("/after", b"", CreateMode::Persistent).await.unwrap();
+        drop(c);
+        drop(server);
+        let server = EmbeddedServer::open(dir.path()).unwrap();
+        assert!(server.connect().exists("/after").await.unwrap().is_some(), "appends go on after the torn tail");
+    }
+
     use std::time::Duration;
 
     use futures::{FutureExt, StreamExt};

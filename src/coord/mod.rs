@@ -41,6 +41,7 @@ use tokio::sync::watch;
 mod embedded;
 mod error;
 mod faulty;
+mod journal;
 mod zk;
 
 pub use embedded::{EmbeddedCoordination, EmbeddedServer, EMBEDDED_SESSION_TIMEOUT};
