@@ -1,5 +1,6 @@
 //! The conformance suite of [`Coordination`]: every case is written once, generic over a
-//! [`Backend`], and runs against both implementations: the in-process [`EmbeddedServer`] and a
+//! [`Backend`], and runs against both implementations: the in-process [`EmbeddedServer`] (in memory, and
+//! durable in a journal) and a
 //! real ZooKeeper server (one shared per test binary, each case under its own chroot).
 //!
 //! Cases that stop or kill ZooKeeper use a private server; cases about the embedded test hooks
@@ -101,12 +102,21 @@ trait Backend {
 
 struct Embedded {
     server: EmbeddedServer,
+    /// The journal's directory, for the durable server.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Embedded {
     fn new() -> Self {
         init_tracing();
-        Embedded { server: EmbeddedServer::new() }
+        Embedded { server: EmbeddedServer::new(), _dir: None }
+    }
+
+    /// A durable server (`EmbeddedServer::open`), journaling in a temporary directory.
+    fn durable() -> Self {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        Embedded { server: EmbeddedServer::open(dir.path()).expect("open the journal"), _dir: Some(dir) }
     }
 }
 
@@ -168,12 +178,13 @@ impl Backend for Zookeeper {
     }
 }
 
-/// Instantiates each case for both backends.
+/// Instantiates each case for both backends (the embedded one in memory and durable).
 macro_rules! conformance {
     ($($case:ident => $embedded:ident, $zookeeper:ident;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $embedded() {
             within(CASE_TIMEOUT, concat!("embedded ", stringify!($case)), $case(Embedded::new())).await;
+            within(CASE_TIMEOUT, concat!("durable embedded ", stringify!($case)), $case(Embedded::durable())).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
