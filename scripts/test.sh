@@ -20,13 +20,13 @@ as_root() {
     fi
 }
 
-step "system packages: zookeeper, java, iproute2, tzdata, rsync, qemu-utils, xfsprogs"
+step "system packages: zookeeper, java, iproute2, tzdata, rsync, qemu-utils, xfsprogs, python3"
 if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
     || [ ! -d /usr/share/zoneinfo ] || ! command -v rsync >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1 \
-    || ! command -v mkfs.xfs >/dev/null 2>&1; then
+    || ! command -v mkfs.xfs >/dev/null 2>&1 || ! command -v python3 >/dev/null 2>&1; then
     as_root apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        zookeeper iproute2 tzdata rsync qemu-utils xfsprogs
+        zookeeper iproute2 tzdata rsync qemu-utils xfsprogs python3
 else
     echo "already installed"
 fi

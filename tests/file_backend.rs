@@ -391,3 +391,78 @@ async fn changed_ranges_of_a_missing_snapshot_is_a_permanent_error() {
 fn setup_lease() -> task_center::model::WriterLease {
     task_center::model::WriterLease::new(task_center::model::TaskId::from_bytes([0; 16]), 1)
 }
+
+fn lease(epoch: u64) -> task_center::model::WriterLease {
+    task_center::model::WriterLease::new(task_center::model::TaskId::generate(), epoch)
+}
+
+#[tokio::test]
+async fn one_writer_at_a_time_and_an_older_lease_is_refused_even_after_the_newer_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two backends on one directory stand for two processes of one host (flock locks conflict
+    // between open files, in one process too).
+    let (first, second) = (FileBackend::new(dir.path()), FileBackend::new(dir.path()));
+    let vol = volume("vol-a");
+    first.create_volume(&vol, MIB).await.unwrap();
+    let (old, new) = (lease(10), lease(11));
+    let writer = first.open_target(&vol, &old).await.unwrap();
+    writer.write(0, vec![1; 4096]).await.unwrap();
+
+    // A newer owner waits for the writer lock, then hears who holds it.
+    let busy = second.open_target(&vol, &new).await.err().expect("the volume is held");
+    let BackendError::Busy(message) = busy else { panic!("expected busy, got {busy:?}") };
+    assert!(message.contains(&format!("pid {}", std::process::id())) && message.contains("epoch 10"), "{message}");
+
+    // Once the older writer lets go (its calls ended), the newer one is admitted, and from then
+    // on the older lease is refused, though nobody holds the volume.
+    drop(writer);
+    let writer = second.open_target(&vol, &new).await.unwrap();
+    writer.write(0, vec![2; 4096]).await.unwrap();
+    writer.flush().await.unwrap();
+    drop(writer);
+    let stale = first.open_target(&vol, &old).await.err().expect("an older lease");
+    assert!(matches!(stale, BackendError::Fenced(ref m) if m.contains("epoch 11")), "{stale:?}");
+    assert_eq!(first.newest_lease(&vol).await.unwrap(), Some(new));
+    assert_eq!(std::fs::read(first.volume_path(&vol)).unwrap()[..4096], [2; 4096]);
+    // The same claim may open again.
+    assert!(second.open_target(&vol, &new).await.is_ok());
+}
+
+/// A process holding a volume's writer lock; killed (SIGKILL, by pid) when dropped.
+struct LockHolder(std::process::Child);
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_writer_lock_dies_with_its_process() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::new(dir.path());
+    let vol = volume("vol-a");
+    backend.create_volume(&vol, MIB).await.unwrap();
+    // Another process takes the lock, as a writer would, and says so once it holds it.
+    let take = "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(600)";
+    let child = std::process::Command::new("python3")
+        .args(["-c", take])
+        .arg(backend.lock_path(&vol))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3");
+    let mut holder = LockHolder(child);
+    let stdout = holder.0.stdout.take().unwrap();
+    let said = tokio::task::spawn_blocking(move || std::io::BufReader::new(stdout).lines().next());
+    let said = common::within(std::time::Duration::from_secs(30), "the other process takes the lock", said).await;
+    assert_eq!(said.unwrap().unwrap().unwrap(), "locked");
+    assert!(matches!(backend.open_target(&vol, &lease(5)).await, Err(BackendError::Busy(_))));
+    // kill -9: the kernel drops its lock.
+    drop(holder);
+    let writer = backend.open_target(&vol, &lease(5)).await.expect("a dead holder's lock is gone");
+    writer.write(0, vec![3; 4096]).await.unwrap();
+}

@@ -360,7 +360,8 @@ impl Drive {
                 }
                 WindowCheck::Open { until_ms } => until_ms,
             };
-            if self.waiting {
+            // (A note about a busy target stays until the target is open.)
+            if self.waiting && self.busy == 0 {
                 if let Err(end) = self.annotate(None).await {
                     return end;
                 }
@@ -377,6 +378,7 @@ impl Drive {
                     Ok(opened) => {
                         // Back to the top: a stop or a window change may have come meanwhile.
                         run = Some(opened);
+                        self.busy = 0;
                         continue;
                     }
                     Err(next) => next,
@@ -453,6 +455,10 @@ impl Drive {
         } else {
             self.busy = self.busy.saturating_add(1);
             info!(task = %self.task.id, %reason, "the target is busy; waiting for its writer to let go");
+            if self.busy == 1 {
+                // Visible in `task show`, like a closed window.
+                self.annotate(Some(format!("waiting for the target volume: {reason}"))).await?;
+            }
             self.busy
         };
         let local = self.licence.local().clone();
