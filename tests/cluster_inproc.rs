@@ -170,3 +170,28 @@ async fn tasks_of_an_aborted_runner_resume_elsewhere_from_their_progress() {
     }
     keep.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_cannot_be_called_is_left_out_and_tasks_run_elsewhere() {
+    let cluster = Cluster::new();
+    let sim = SimulatedExecutor::new(3, Duration::from_millis(10), 1 << 20);
+    let a = cluster.node("a", sim.clone()).await;
+    let b = cluster.node("b", sim).await;
+    let nodes = [&a, &b];
+    let leader = wait_leader(&nodes).await;
+    let (leader, other) = (nodes[leader], nodes[1 - leader]);
+    // The other node stays registered (its session is fine) but nobody can call it.
+    cluster.network.isolate(other.address());
+    let observer = cluster.observer();
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        tasks.push(leader.create(spec(n), None).await.unwrap());
+    }
+    for task in &tasks {
+        let done = wait_state(observer.as_ref(), task.id, TaskState::Succeeded, WAIT).await;
+        assert_eq!(done.runner.as_ref(), Some(leader.node_id()), "{done:?}");
+    }
+    cluster.network.rejoin(other.address());
+    a.shutdown().await;
+    b.shutdown().await;
+}

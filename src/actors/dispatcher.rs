@@ -126,6 +126,9 @@ pub struct Dispatcher {
     assigned: HashMap<TaskId, (NodeId, Instant)>,
     /// Tasks whose assignment failed, and when to try again.
     backoff: HashMap<TaskId, (Instant, u32)>,
+    /// Runners that could not be called: not assigned to until then (and how many times in a
+    /// row), so that tasks go to runners that answer.
+    unreachable: HashMap<NodeId, (Instant, u32)>,
     /// Tasks being put back to pending.
     rescuing: HashSet<TaskId>,
     /// Pending tasks being settled to paused or canceled in this pass.
@@ -150,6 +153,7 @@ impl Dispatcher {
             in_flight: HashMap::new(),
             assigned: HashMap::new(),
             backoff: HashMap::new(),
+            unreachable: HashMap::new(),
             rescuing: HashSet::new(),
             settling: HashSet::new(),
             noted: HashMap::new(),
@@ -259,6 +263,7 @@ impl Dispatcher {
             }
             let choice = runners
                 .iter()
+                .filter(|r| self.unreachable.get(&r.node).is_none_or(|(until, _)| *until <= now))
                 .filter(|r| load.get(&r.node).copied().unwrap_or(u32::MAX) < r.capacity)
                 .min_by_key(|r| (load.get(&r.node).copied().unwrap_or(u32::MAX), r.node.clone()));
             let Some(runner) = choice else { break };
@@ -551,9 +556,22 @@ impl Handler<Assigned> for Dispatcher {
         match result {
             Ok(()) => {
                 self.backoff.remove(&id);
+                if self.unreachable.remove(&runner).is_some() {
+                    info!(%runner, "runner answers again; assigning to it");
+                }
                 self.assigned.insert(id, (runner, Instant::now()));
             }
             Err(e) => {
+                if let ApiError::Unavailable(reason) = &e {
+                    // The call did not reach the runner (down, partitioned, or refusing this
+                    // node): leave it out for a while rather than send it every task in turn.
+                    let times = self.unreachable.get(&runner).map_or(0, |(_, n)| *n) + 1;
+                    let pause = (ASSIGN_BACKOFF_MIN * 2u32.pow(times.min(8))).min(ASSIGN_BACKOFF_MAX);
+                    if times == 1 {
+                        warn!(%runner, %reason, pause_ms = pause.as_millis() as u64, "cannot call the runner; not assigning to it for a while");
+                    }
+                    self.unreachable.insert(runner.clone(), (Instant::now() + pause, times));
+                }
                 let failures = self.backoff.get(&id).map_or(0, |(_, n)| *n) + 1;
                 let delay = (ASSIGN_BACKOFF_MIN * 2u32.pow(failures.min(8))).min(ASSIGN_BACKOFF_MAX);
                 debug!(task = %id, %runner, error = %e, retry_in_ms = delay.as_millis() as u64, "assignment failed");
@@ -578,6 +596,7 @@ impl Handler<RunnersChanged> for Dispatcher {
 
     fn handle(&mut self, RunnersChanged(runners): RunnersChanged, ctx: &mut Context<Self>) {
         debug!(runners = runners.len(), "runners changed");
+        self.unreachable.retain(|node, _| runners.iter().any(|r| &r.node == node));
         self.runners = Arc::new(runners);
         self.kick(ctx);
     }
