@@ -28,8 +28,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use task_center::api::{ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad};
 use task_center::model::{
-    CopyOptions, CopyVolumeSpec, RunWindow, SnapshotId, Task, TaskId, TaskSpec, TaskState, TimeOfDay, VipConfig,
-    VolumeId,
+    CopyOptions, CopyVolumeSpec, RunWindow, SnapshotId, Task, TaskId, TaskSpec, TaskState, TimeOfDay, Verify,
+    VipConfig, VolumeId,
 };
 use task_center::transport::{TcpConfig, TcpTransport, Transport};
 
@@ -104,6 +104,9 @@ enum TaskCommand {
         /// Use this id (a retry with the same id is not duplicated).
         #[arg(long)]
         id: Option<String>,
+        /// Copy options; each defaults to the library's default.
+        #[command(flatten)]
+        options: OptionArgs,
     },
     /// One task.
     Show { id: String },
@@ -153,6 +156,58 @@ impl From<task_center::model::ModelError> for Failure {
     }
 }
 
+/// Copy options of `task create`.
+#[derive(clap::Args, Debug)]
+struct OptionArgs {
+    /// Cap on bytes written per second.
+    #[arg(long)]
+    bandwidth_limit_bytes_per_second: Option<u64>,
+    /// Unit of resumption and verification, a multiple of the block size.
+    #[arg(long)]
+    extent_size_bytes: Option<u64>,
+    /// Unit of comparison, a power of two from 4096 to 16777216.
+    #[arg(long)]
+    block_size_bytes: Option<u32>,
+    /// Verify every extent on both sides and record a digest: blake3 or xxh3.
+    #[arg(long)]
+    verify: Option<String>,
+    /// Without a base snapshot, read the target and write only the blocks that differ.
+    #[arg(long)]
+    target_diff: bool,
+    /// Commit progress at least every this many bytes of the volume.
+    #[arg(long)]
+    checkpoint_bytes: Option<u64>,
+    /// Commit progress at least this often.
+    #[arg(long)]
+    checkpoint_interval_ms: Option<u64>,
+}
+
+impl OptionArgs {
+    fn options(self) -> Result<CopyOptions, Failure> {
+        let defaults = CopyOptions::default();
+        let verify = match self.verify.as_deref() {
+            None => None,
+            Some("blake3") => Some(Verify::Blake3),
+            Some("xxh3") => Some(Verify::Xxh3),
+            Some(other) => {
+                let shown: String = other.chars().take(64).collect();
+                let reason = "must be blake3 or xxh3";
+                return Err(task_center::model::ModelError::Invalid { field: "verify", value: shown, reason }.into());
+            }
+        };
+        Ok(CopyOptions {
+            bandwidth_limit_bytes_per_second: self.bandwidth_limit_bytes_per_second,
+            extent_size_bytes: self.extent_size_bytes.unwrap_or(defaults.extent_size_bytes),
+            block_size_bytes: self.block_size_bytes.unwrap_or(defaults.block_size_bytes),
+            verify,
+            target_diff: self.target_diff,
+            checkpoint_bytes: self.checkpoint_bytes.unwrap_or(defaults.checkpoint_bytes),
+            checkpoint_interval_ms: self.checkpoint_interval_ms.unwrap_or(defaults.checkpoint_interval_ms),
+            ..defaults
+        })
+    }
+}
+
 fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
     let id = |s: &str| s.parse::<TaskId>();
     Ok(match command {
@@ -164,6 +219,7 @@ fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
             base_snapshot,
             run_window,
             id: given,
+            options,
         } => {
             let spec = TaskSpec::CopyVolume(CopyVolumeSpec {
                 source_volume: VolumeId::new(source_volume)?,
@@ -171,7 +227,7 @@ fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
                 source_hosts,
                 target_hosts,
                 base_snapshot: base_snapshot.map(SnapshotId::new).transpose()?,
-                options: CopyOptions::default(),
+                options: options.options()?,
             });
             spec.validate()?;
             let run_window = run_window.map(|w| w.parse::<RunWindow>()).transpose()?;
