@@ -59,7 +59,7 @@ struct Cli {
 enum Command {
     /// Tasks.
     #[command(subcommand)]
-    Task(TaskCommand),
+    Task(Box<TaskCommand>),
     /// The live runners and their loads.
     Runners,
     /// Virtual IPs, held by the leader.
@@ -283,11 +283,14 @@ async fn run(cli: Cli) -> Result<Done, Failure> {
         }
     };
     let watch_interval = match &cli.command {
-        Command::Task(TaskCommand::Watch { interval_ms, .. }) => Some(Duration::from_millis(*interval_ms)),
+        Command::Task(command) => match command.as_ref() {
+            TaskCommand::Watch { interval_ms, .. } => Some(Duration::from_millis(*interval_ms)),
+            _ => None,
+        },
         _ => None,
     };
     let request = match cli.command {
-        Command::Task(command) => request_of(command)?,
+        Command::Task(command) => request_of(*command)?,
         Command::Runners => ClientRequest::ListRunners,
         Command::Vip(VipCommand::Set { service, addresses }) => {
             let mut parsed = Vec::new();
