@@ -37,7 +37,7 @@ pub const MAX_PASS_TASKS: usize = 10_000;
 const PASS_DEBOUNCE: Duration = Duration::from_millis(20);
 /// First wait before a refused or failed assignment of a task is tried again; doubles per failure.
 const ASSIGN_BACKOFF_MIN: Duration = Duration::from_millis(200);
-const ASSIGN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+const ASSIGN_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often the leader checks that every running task still has a claim.
 const CLAIM_AUDIT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long an accepted assignment counts towards its runner's load while the mirror has not
@@ -92,6 +92,8 @@ struct Assigned {
     id: TaskId,
     runner: NodeId,
     result: Result<(), ApiError>,
+    /// The call reached the runner (its answer is `result`); `false`: the transport failed.
+    reached: bool,
 }
 
 /// What a dispatcher needs.
@@ -274,12 +276,13 @@ impl Dispatcher {
             self.in_flight.insert(id, runner.node.clone());
             let (transport, timeout, addr) = (self.config.transport.clone(), self.config.call_timeout, ctx.address());
             actix::spawn(async move {
-                let result = match transport.call(&runner.address, PeerRequest::Assign { id }, timeout).await {
-                    Ok(PeerReply::Assign(result)) => result,
-                    Ok(other) => Err(ApiError::Internal(format!("runner answered {other:?}"))),
-                    Err(e) => Err(ApiError::Unavailable(e.to_string())),
+                let (result, reached) = match transport.call(&runner.address, PeerRequest::Assign { id }, timeout).await
+                {
+                    Ok(PeerReply::Assign(result)) => (result, true),
+                    Ok(other) => (Err(ApiError::Internal(format!("runner answered {other:?}"))), true),
+                    Err(e) => (Err(ApiError::Unavailable(e.to_string())), false),
                 };
-                addr.do_send(Assigned { id, runner: runner.node, result });
+                addr.do_send(Assigned { id, runner: runner.node, result, reached });
             });
         }
 
@@ -551,7 +554,7 @@ impl Handler<PassData> for Dispatcher {
 impl Handler<Assigned> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, Assigned { id, runner, result }: Assigned, ctx: &mut Context<Self>) {
+    fn handle(&mut self, Assigned { id, runner, result, reached }: Assigned, ctx: &mut Context<Self>) {
         self.in_flight.remove(&id);
         match result {
             Ok(()) => {
@@ -562,9 +565,10 @@ impl Handler<Assigned> for Dispatcher {
                 self.assigned.insert(id, (runner, Instant::now()));
             }
             Err(e) => {
-                if let ApiError::Unavailable(reason) = &e {
+                if let (false, ApiError::Unavailable(reason)) = (reached, &e) {
                     // The call did not reach the runner (down, partitioned, or refusing this
                     // node): leave it out for a while rather than send it every task in turn.
+                    // (A runner that answered, even with a refusal, is reachable.)
                     let times = self.unreachable.get(&runner).map_or(0, |(_, n)| *n) + 1;
                     let pause = (ASSIGN_BACKOFF_MIN * 2u32.pow(times.min(8))).min(ASSIGN_BACKOFF_MAX);
                     if times == 1 {

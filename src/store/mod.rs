@@ -42,6 +42,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// How many times a compare-and-set is retried when other writers keep winning.
 pub const CAS_ATTEMPTS: u32 = 16;
+/// Backoff of the background removal of a claim nobody holds, first and last.
+const SWEEP_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const SWEEP_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Pause between compare-and-set attempts, doubled each time up to 16x.
 const CAS_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -328,12 +331,9 @@ impl TaskStore {
             Ok(path) => path,
             Err(CoordError::NoNode { .. }) => return Err(StoreError::NotFound { id: *id }),
             Err(e) if e.is_transient() => {
-                // The create may have landed: find it by its token so it does not block the task.
-                if let Ok(names) = self.coord.children(&locks).await {
-                    if let Some(name) = names.iter().find(|n| n.starts_with(&prefix[locks.len() + 1..])) {
-                        let _ = self.coord.delete(&format!("{locks}/{name}"), None).await;
-                    }
-                }
+                // The create may have landed: find it by its token so it does not block the task,
+                // now and, if this fails too, in the background until it is gone.
+                self.sweep_claims(locks.clone(), prefix[locks.len() + 1..].to_string());
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
@@ -342,9 +342,8 @@ impl TaskStore {
             Ok(lock) => Ok(lock),
             Err(e) => {
                 // Leave no claim behind: a claim nobody knows it holds would block the task until
-                // the session ends. If this delete is lost too, the next claim of this session
-                // adopts the node (see `settle_claim`).
-                let _ = self.coord.delete(&ours, None).await;
+                // the session ends. The delete is retried in the background until it is done.
+                self.sweep_claims(locks.clone(), prefix[locks.len() + 1..].to_string());
                 Err(e)
             }
         }
@@ -376,17 +375,70 @@ impl TaskStore {
                 Err(e) => return Err(e.into()),
             }
         };
+        let progress_version = match self.read::<TaskProgress>(&layout::progress(id)).await {
+            Ok((_, version)) => version,
+            Err(e) => {
+                if owner != ours {
+                    // The adopted earlier claim would be forgotten again: remove it too.
+                    let name = owner.rsplit('/').next().unwrap_or_default().to_string();
+                    self.sweep_claims(locks.to_string(), name);
+                }
+                return Err(e);
+            }
+        };
         let fence = Fence::new(owner);
-        let (_, progress_version) = self.read::<TaskProgress>(&layout::progress(id)).await?;
         Ok(TaskLock { id: *id, runner: runner.clone(), fence, epoch, progress_version })
     }
 
-    /// Gives a claim up. A claim already gone (session expired) is not an error.
+    /// Gives a claim up. A claim already gone (session expired) is not an error. If the
+    /// coordination service does not answer, the delete goes on in the background until it is
+    /// done or the session ends, so a claim let go never blocks its task.
     pub async fn release(&self, lock: TaskLock) -> Result<()> {
         match self.coord.delete(lock.fence.path(), None).await {
             Ok(()) | Err(CoordError::NoNode { .. }) => Ok(()),
+            Err(e) if e.is_transient() => {
+                let (locks, name) = lock.fence.path().rsplit_once('/').expect("claims live under a task's locks");
+                self.sweep_claims(locks.to_string(), name.to_string());
+                Err(e.into())
+            }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// In the background, deletes this session's claims under `locks` whose names start with
+    /// `name_prefix` (a claim's token, or its whole name), retrying with backoff until none is
+    /// left or the session ends (its ephemeral claims go with it). The cure for a claim whose
+    /// create, or whose delete, met a lost reply: nobody would know it holds it.
+    fn sweep_claims(&self, locks: String, name_prefix: String) {
+        let coord = self.coord.clone();
+        let generation = coord.status().generation;
+        tokio::spawn(async move {
+            let mut delay = SWEEP_BACKOFF_MIN;
+            while coord.status().generation == generation && coord.status().state != crate::coord::SessionState::Closed
+            {
+                let swept = async {
+                    for name in coord.children(&locks).await?.into_iter().filter(|n| n.starts_with(&name_prefix)) {
+                        match coord.delete(&crate::coord::join(&locks, &name), None).await {
+                            Ok(()) | Err(CoordError::NoNode { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(())
+                };
+                match swept.await {
+                    Ok(()) | Err(CoordError::NoNode { .. }) => return,
+                    Err(e) if e.is_transient() => {
+                        debug!(%locks, %name_prefix, error = %e, "cannot remove a claim yet; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(SWEEP_BACKOFF_MAX);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%locks, %name_prefix, error = %e, "cannot remove a claim");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// The runner holding a task's claim, if any.

@@ -117,7 +117,13 @@ impl OneshotReceiver {
 
     pub async fn recv(mut self) -> WatchedEvent {
         let receiver = self.receiver.take().unwrap();
-        let event = receiver.await.unwrap();
+        // The sender is gone when the client is dropped or closed with the watch pending: report
+        // the session's end instead of panicking in the caller's task.
+        let event = receiver.await.unwrap_or_else(|_| {
+            let mut event = WatchedEvent::new(EventType::Session, "");
+            event.session_state = SessionState::Closed;
+            event
+        });
         self.watcher.discard();
         event
     }
