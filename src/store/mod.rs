@@ -342,8 +342,11 @@ impl TaskStore {
             Ok(lock) => Ok(lock),
             Err(e) => {
                 // Leave no claim behind: a claim nobody knows it holds would block the task until
-                // the session ends. The delete is retried in the background until it is done.
-                self.sweep_claims(locks.clone(), prefix[locks.len() + 1..].to_string());
+                // the session ends. If the delete fails, it is retried in the background.
+                match self.coord.delete(&ours, None).await {
+                    Ok(()) | Err(CoordError::NoNode { .. }) => {}
+                    Err(_) => self.sweep_claims(locks.clone(), prefix[locks.len() + 1..].to_string()),
+                }
                 Err(e)
             }
         }
