@@ -70,6 +70,7 @@
 //! - [`cache`]: the LMDB mirror that serves reads.
 //! - [`coord`]: the ZooKeeper-shaped coordination trait, over ZooKeeper or embedded.
 //! - [`net`]: routes, addresses and announcements for the VIPs.
+//! - [`retry`]: the one retry policy (exponential backoff with jitter and a cap).
 //! - [`model`]: ids, specs, the lifecycle's transition table, progress, run windows, VIPs.
 //!
 //! `ARCHITECTURE.md` in the repository shows how the parts fit and who writes what.
@@ -87,6 +88,7 @@ pub mod exec;
 pub mod lease;
 pub mod model;
 pub mod net;
+pub mod retry;
 pub mod schedule;
 pub mod store;
 pub mod transport;

@@ -61,8 +61,6 @@ use crate::store::{layout, StoreError, TaskLock, TaskStore};
 pub const MAX_TEMPORARY_FAILURES: u32 = 10;
 /// Attempts to commit one checkpoint while the coordination service is unreachable.
 pub const MAX_COMMIT_ATTEMPTS: u32 = 20;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What the controller should be doing, as last learned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,11 +172,11 @@ impl Actor for TaskController {
 /// Follows the control record through one-shot watches; asks the actor to refresh on a change.
 async fn watch_control(store: TaskStore, id: crate::model::TaskId, addr: Addr<TaskController>) {
     let path = layout::task(&id);
-    let mut delay = BACKOFF_MIN;
+    let mut delays = crate::retry::COORDINATION.delays();
     loop {
         match store.coordination().exists_watch(&path).await {
             Ok((_, watch)) => {
-                delay = BACKOFF_MIN;
+                delays.reset();
                 let event = watch.await;
                 if addr.try_send(Refresh).is_err() && !addr.connected() {
                     return;
@@ -189,8 +187,7 @@ async fn watch_control(store: TaskStore, id: crate::model::TaskId, addr: Addr<Ta
             }
             Err(e) => {
                 debug!(task = %id, error = %e, "cannot watch the control record; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BACKOFF_MAX);
+                delays.wait().await;
             }
         }
     }
@@ -790,8 +787,9 @@ impl Drive {
     }
 }
 
+/// The wait after `attempt` earlier failures (from 0), by the crate's retry policy.
 fn backoff(attempt: u32) -> Duration {
-    (BACKOFF_MIN * 2u32.saturating_pow(attempt.min(16))).min(BACKOFF_MAX)
+    crate::retry::STEP.delay(attempt.saturating_add(1))
 }
 
 /// The message of a caught panic.

@@ -35,9 +35,6 @@ use crate::transport::Transport;
 pub const MAX_PASS_TASKS: usize = 10_000;
 /// Delay that folds a burst of triggers into one scheduling pass.
 const PASS_DEBOUNCE: Duration = Duration::from_millis(20);
-/// First wait before a refused or failed assignment of a task is tried again; doubles per failure.
-const ASSIGN_BACKOFF_MIN: Duration = Duration::from_millis(200);
-const ASSIGN_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often the leader checks that every running task still has a claim.
 const CLAIM_AUDIT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long an accepted assignment counts towards its runner's load while the mirror has not
@@ -439,7 +436,7 @@ impl Handler<Wake> for Dispatcher {
 /// Follows `/runners` and reports the live runners whenever they change.
 async fn follow_runners(store: TaskStore, addr: Addr<Dispatcher>) {
     let coord = store.coordination().clone();
-    let mut delay = Duration::from_millis(100);
+    let mut delays = crate::retry::COORDINATION.delays();
     loop {
         let listed = async {
             let (names, watch) = coord.children_watch(layout::RUNNERS).await?;
@@ -458,7 +455,7 @@ async fn follow_runners(store: TaskStore, addr: Addr<Dispatcher>) {
         };
         match listed.await {
             Ok((runners, watch)) => {
-                delay = Duration::from_millis(100);
+                delays.reset();
                 if addr.send(RunnersChanged(runners)).await.is_err() {
                     return;
                 }
@@ -469,8 +466,7 @@ async fn follow_runners(store: TaskStore, addr: Addr<Dispatcher>) {
             }
             Err(e) => {
                 debug!(error = %e, "cannot list runners; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delays.wait().await;
             }
         }
     }
@@ -570,14 +566,14 @@ impl Handler<Assigned> for Dispatcher {
                     // node): leave it out for a while rather than send it every task in turn.
                     // (A runner that answered, even with a refusal, is reachable.)
                     let times = self.unreachable.get(&runner).map_or(0, |(_, n)| *n) + 1;
-                    let pause = (ASSIGN_BACKOFF_MIN * 2u32.pow(times.min(8))).min(ASSIGN_BACKOFF_MAX);
+                    let pause = crate::retry::ASSIGN.delay(times);
                     if times == 1 {
                         warn!(%runner, %reason, pause_ms = pause.as_millis() as u64, "cannot call the runner; not assigning to it for a while");
                     }
                     self.unreachable.insert(runner.clone(), (Instant::now() + pause, times));
                 }
                 let failures = self.backoff.get(&id).map_or(0, |(_, n)| *n) + 1;
-                let delay = (ASSIGN_BACKOFF_MIN * 2u32.pow(failures.min(8))).min(ASSIGN_BACKOFF_MAX);
+                let delay = crate::retry::ASSIGN.delay(failures);
                 debug!(task = %id, %runner, error = %e, retry_in_ms = delay.as_millis() as u64, "assignment failed");
                 self.backoff.insert(id, (Instant::now() + delay, failures));
                 ctx.run_later(delay, |act, ctx| act.kick(ctx));

@@ -31,9 +31,6 @@ use crate::exec::StopToken;
 use crate::model::NodeId;
 use crate::store::{decode, encode, layout, Fence};
 
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
 /// What a candidate publishes: who it is and where to reach it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderInfo {
@@ -125,17 +122,16 @@ impl Campaign {
     async fn run(&mut self) {
         let mut session = self.coord.subscribe();
         self.session = Some(session.clone());
-        let mut delay = RETRY_MIN;
+        let mut delays = crate::retry::COORDINATION.delays();
         loop {
             let Ok(status) = session.wait_for(|s| s.state == SessionState::Connected).await.map(|s| *s) else {
                 return;
             };
             match self.stand(status.generation).await {
-                Ok(()) => delay = RETRY_MIN,
+                Ok(()) => delays.reset(),
                 Err(e) => {
                     debug!(node = %self.me.node, error = %e, "election interrupted; standing again");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
+                    delays.wait().await;
                 }
             }
             if session.borrow().state == SessionState::Closed {

@@ -20,9 +20,6 @@ use crate::model::{Change, DesiredState, NodeId, RunWindow, RunnerInfo, Task, Ta
 use crate::store::{Fence, TaskStore};
 use crate::transport::Transport;
 
-/// Longest pause between attempts to reach the leader.
-const FORWARD_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 /// What the leader serves requests with; a snapshot taken per request.
 #[derive(Clone)]
 pub(crate) struct Leader {
@@ -239,7 +236,7 @@ pub(crate) async fn forward(
     deadline: Instant,
     call_timeout: Duration,
 ) -> Result<ClientReply, ApiError> {
-    let mut delay = Duration::from_millis(20);
+    let mut delays = crate::retry::FORWARD.delays();
     loop {
         let last;
         match current_leader(store.coordination().as_ref()).await {
@@ -255,10 +252,10 @@ pub(crate) async fn forward(
             Ok(None) => last = ApiError::Unavailable("no leader elected".into()),
             Err(e) => last = ApiError::Unavailable(format!("coordination: {e}")),
         }
+        let delay = delays.next().unwrap_or_default();
         if Instant::now() + delay >= deadline {
             return Err(last);
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(FORWARD_BACKOFF_MAX);
     }
 }

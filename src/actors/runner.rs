@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -24,9 +23,6 @@ use crate::lease::LocalLease;
 use crate::model::{Change, DesiredState, ModelError, NodeId, RunnerInfo, TaskId, TaskState};
 use crate::schedule::Schedule;
 use crate::store::{encode, layout, StoreError, TaskStore};
-
-const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Claim and run a task. `Ok` once this runner holds it.
 #[derive(Message)]
@@ -139,7 +135,7 @@ impl Runner {
         };
         let (store, generation, addr) = (self.config.store.clone(), self.generation, ctx.address());
         actix::spawn(async move {
-            let mut delay = REGISTER_BACKOFF_MIN;
+            let mut delays = crate::retry::COORDINATION.delays();
             loop {
                 match register(&store, &info).await {
                     Ok(()) => {
@@ -152,8 +148,7 @@ impl Runner {
                     }
                     Err(e) => {
                         warn!(node = %info.node, error = %e, "cannot register the runner; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(REGISTER_BACKOFF_MAX);
+                        delays.wait().await;
                     }
                 }
             }

@@ -341,7 +341,7 @@ impl Actor for VipServer {
 /// Follows `/vips`: reads every configuration on each change, caches it, and reports it.
 async fn follow_vips(store: TaskStore, mirror: Arc<TaskMirror>, addr: Addr<VipServer>) {
     let coord: Arc<dyn Coordination> = store.coordination().clone();
-    let mut delay = Duration::from_millis(100);
+    let mut delays = crate::retry::COORDINATION.delays();
     loop {
         let mut session = coord.subscribe();
         let _ = session.wait_for(|s| s.state == crate::coord::SessionState::Connected).await;
@@ -349,15 +349,14 @@ async fn follow_vips(store: TaskStore, mirror: Arc<TaskMirror>, addr: Addr<VipSe
             Ok(tree) => tree,
             Err(e) => {
                 debug!(error = %e, "cannot watch the VIP configuration; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delays.wait().await;
                 continue;
             }
         };
         loop {
             match store.vips().await {
                 Ok(vips) => {
-                    delay = Duration::from_millis(100);
+                    delays.reset();
                     let _ = mirror.put_vips(vips.clone()).await;
                     if addr.send(Configured(vips)).await.is_err() {
                         return;
@@ -365,8 +364,7 @@ async fn follow_vips(store: TaskStore, mirror: Arc<TaskMirror>, addr: Addr<VipSe
                 }
                 Err(e) => {
                     debug!(error = %e, "cannot read the VIP configuration; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delays.wait().await;
                     break;
                 }
             }

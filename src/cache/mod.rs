@@ -19,7 +19,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
@@ -38,9 +37,6 @@ pub use lmdb::{CacheChange, TaskCache};
 pub const FETCH_CONCURRENCY: usize = 32;
 /// Most events folded into one batch (one LMDB transaction).
 pub const MAX_BATCH_EVENTS: usize = 256;
-/// First delay before retrying after the coordination service failed; doubles up to 5 s.
-const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Why the cache failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -209,19 +205,19 @@ enum Restart {
 
 impl Follower {
     async fn run(mut self) {
-        let mut delay = RETRY_BACKOFF_MIN;
+        let mut delays = crate::retry::COORDINATION.delays();
         loop {
             self.set_synced(false);
             match self.follow().await {
-                Ok(()) => delay = RETRY_BACKOFF_MIN,
+                Ok(()) => delays.reset(),
                 Err(StoreError::Coord(CoordError::Closed)) => {
                     debug!("coordination handle closed; the task mirror stops following");
                     return;
                 }
                 Err(e) => {
+                    let delay = delays.next().unwrap_or_default();
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "task mirror lost ZooKeeper; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_BACKOFF_MAX);
                 }
             }
         }

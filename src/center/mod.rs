@@ -35,10 +35,6 @@ use crate::transport::{Listener, RequestHandler, Transport, TransportError};
 
 mod builder;
 
-/// Backoff between attempts to initialise the cluster's records at start, first and last.
-const START_RETRY_MIN: Duration = Duration::from_millis(100);
-const START_RETRY_MAX: Duration = Duration::from_secs(5);
-
 pub use builder::{
     ConfigError, CoordinationConfig, TaskCenterBuilder, DEFAULT_CALL_TIMEOUT_MS, DEFAULT_DATA_THREADS,
     DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, DEFAULT_STEP_TIMEOUT_MS,
@@ -265,7 +261,7 @@ impl RequestHandler for NodeHandler {
 /// answers: a node started before its ensemble, or during an outage, waits for it instead of
 /// exiting. A connect string that cannot work (no host, a bad chroot) is refused at once.
 async fn connect_zookeeper(node: &NodeId, config: crate::coord::ZkConfig) -> Result<ZkCoordination, StartError> {
-    let mut delay = START_RETRY_MIN;
+    let mut delays = crate::retry::COORDINATION.delays();
     let mut attempts = 0u32;
     loop {
         match ZkCoordination::connect(config.clone()).await {
@@ -278,8 +274,7 @@ async fn connect_zookeeper(node: &NodeId, config: crate::coord::ZkConfig) -> Res
             Err(e) if e.is_transient() => {
                 attempts += 1;
                 warn!(%node, zookeeper = %config.connect, error = %e, attempts, "cannot reach ZooKeeper yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(START_RETRY_MAX);
+                delays.wait().await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -292,13 +287,12 @@ async fn connect_zookeeper(node: &NodeId, config: crate::coord::ZkConfig) -> Res
 async fn check_identity(coord: &dyn Coordination, node: &NodeId) -> Result<(), StartError> {
     let path = crate::store::layout::runner(node);
     let deadline = tokio::time::Instant::now() + coord.session_timeout() * 2;
-    let mut delay = START_RETRY_MIN;
+    let mut delays = crate::retry::COORDINATION.delays();
     loop {
         let (stat, watch) = match coord.exists_watch(&path).await {
             Ok(found) => found,
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(START_RETRY_MAX);
+                delays.wait().await;
                 continue;
             }
             Err(e) => return Err(e.into()),
@@ -345,7 +339,7 @@ async fn boot(
     let ours = config.schedule.settings();
     let agreed = async {
         // A reply lost or late while the node starts is no reason to exit: try again.
-        let mut delay = START_RETRY_MIN;
+        let mut delays = crate::retry::COORDINATION.delays();
         let cluster = loop {
             let attempt = async {
                 store.init().await?;
@@ -364,8 +358,7 @@ async fn boot(
                 }
                 Err(e) if e.is_transient() => {
                     warn!(node = %config.node, error = %e, "the coordination service did not answer while starting; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(START_RETRY_MAX);
+                    delays.wait().await;
                 }
                 Err(e) => return Err(e.into()),
             }

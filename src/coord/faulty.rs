@@ -1,16 +1,20 @@
 //! Fault injection around any [`Coordination`]: replies lost after the service applied the call,
-//! calls delayed, all by a seeded plan, so that a test replays the same faults.
+//! calls delayed, sessions expired, all by a seeded plan, so that a test replays the same faults.
 //!
 //! This wraps the real thing (ZooKeeper or the embedded server): the call really runs and takes
 //! effect; then, as the plan says, the caller gets [`CoordError::ConnectionLoss`] instead of the
 //! answer, which is exactly what a reply lost on the wire looks like to a ZooKeeper client. It is
 //! how the recipes are tested against "what if this call's reply is lost after the server
-//! applied it?".
+//! applied it?". An expiry runs the [`Expirer`] given to [`FaultyCoordination::with_expirer`]
+//! (for instance [`EmbeddedCoordination::expire`](super::EmbeddedCoordination::expire) or
+//! [`ZkCoordination::expire_session`](super::ZkCoordination::expire_session)) right after a call
+//! took effect, as if the session had expired while its reply was on the way.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{
@@ -57,6 +61,9 @@ pub struct Faults {
     pub lose_probability: f64,
     /// Delay each call by up to this long, uniformly (before it runs).
     pub max_delay: Duration,
+    /// Expire the session after each call with this probability, 0 to 1 (needs an
+    /// [`Expirer`]; the call's reply is lost with it).
+    pub expire_probability: f64,
     /// Seed of the random choices.
     pub seed: u64,
 }
@@ -65,7 +72,11 @@ struct State {
     faults: Faults,
     rng: u64,
     lost: u64,
+    expired: u64,
 }
+
+/// Ends the wrapped handle's session from the outside (see the module's documentation).
+pub type Expirer = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// A [`Coordination`] that runs every call on `inner` and then, as its [`Faults`] say, loses the
 /// reply or delays the call. Cheap to clone; clones share the plan.
@@ -73,13 +84,32 @@ struct State {
 pub struct FaultyCoordination {
     inner: Arc<dyn Coordination>,
     state: Arc<Mutex<State>>,
+    expirer: Option<Expirer>,
 }
 
 impl FaultyCoordination {
     /// Wraps `inner` with no faults.
     pub fn new(inner: Arc<dyn Coordination>) -> Self {
-        let state = State { faults: Faults::default(), rng: 0x9e37_79b9_7f4a_7c15, lost: 0 };
-        FaultyCoordination { inner, state: Arc::new(Mutex::new(state)) }
+        let state = State { faults: Faults::default(), rng: 0x9e37_79b9_7f4a_7c15, lost: 0, expired: 0 };
+        FaultyCoordination { inner, state: Arc::new(Mutex::new(state)), expirer: None }
+    }
+
+    /// Wraps `inner`, whose session `expirer` can end, with no faults.
+    pub fn with_expirer(inner: Arc<dyn Coordination>, expirer: Expirer) -> Self {
+        FaultyCoordination { expirer: Some(expirer), ..Self::new(inner) }
+    }
+
+    /// Expires the session now (does nothing without an [`Expirer`]).
+    pub async fn expire_now(&self) {
+        if let Some(expirer) = &self.expirer {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).expired += 1;
+            expirer().await;
+        }
+    }
+
+    /// Sessions expired so far.
+    pub fn expired_sessions(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).expired
     }
 
     /// Replaces the plan (and reseeds).
@@ -94,8 +124,8 @@ impl FaultyCoordination {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).lost
     }
 
-    /// Decides for one call: its delay, and whether its reply is lost.
-    fn plan(&self, kind: CallKind, path: &str) -> (Duration, bool) {
+    /// Decides for one call: its delay, whether its reply is lost, whether the session expires.
+    fn plan(&self, kind: CallKind, path: &str) -> (Duration, bool, bool) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = || {
             // xorshift64*
@@ -104,9 +134,10 @@ impl FaultyCoordination {
             state.rng ^= state.rng >> 27;
             (state.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
         };
-        let (u, v) = (next(), next());
+        let (u, v, w) = (next(), next(), next());
         let delay = state.faults.max_delay.mul_f64(u);
         let mut lose = v < state.faults.lose_probability;
+        let expire = self.expirer.is_some() && w < state.faults.expire_probability;
         let rule = state
             .faults
             .lose_next
@@ -120,10 +151,13 @@ impl FaultyCoordination {
                 lose = true;
             }
         }
+        if expire {
+            state.expired += 1;
+        }
         if lose {
             state.lost += 1;
         }
-        (delay, lose)
+        (delay, lose, expire)
     }
 
     async fn call<T>(
@@ -132,11 +166,15 @@ impl FaultyCoordination {
         path: &str,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let (delay, lose) = self.plan(kind, path);
+        let (delay, lose, expire) = self.plan(kind, path);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let result = call.await;
+        if let (true, Some(expirer)) = (expire, &self.expirer) {
+            expirer().await;
+            return Err(CoordError::SessionExpired);
+        }
         if lose {
             return Err(CoordError::ConnectionLoss);
         }

@@ -46,7 +46,7 @@ mod zk;
 
 pub use embedded::{EmbeddedCoordination, EmbeddedServer, EMBEDDED_SESSION_TIMEOUT};
 pub use error::CoordError;
-pub use faulty::{CallKind, Faults, FaultyCoordination, LoseNext};
+pub use faulty::{CallKind, Expirer, Faults, FaultyCoordination, LoseNext};
 pub use zk::{ZkConfig, ZkCoordination};
 
 /// Result of a coordination call.

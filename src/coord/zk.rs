@@ -29,11 +29,6 @@ use super::{
     Version, Watch, WatchEvent, MAX_DATA_BYTES,
 };
 
-/// First delay between attempts to build a new session after an expiry.
-const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest delay between attempts to build a new session.
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
-
 /// Settings of a ZooKeeper connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZkConfig {
@@ -116,6 +111,30 @@ impl ZkCoordination {
     /// The settings this handle was made with.
     pub fn config(&self) -> &ZkConfig {
         &self.inner.config
+    }
+
+    /// Ends the current session from outside, as the server does when it expires a session: a
+    /// second connection takes the session over (by its id and password) and closes it. This
+    /// handle then sees the session end, publishes [`Expired`](SessionState::Expired) and builds
+    /// a new one, exactly as after a real expiry. Returns once the expiry is published, or after
+    /// twice the session timeout. For fault tests.
+    pub async fn expire_session(&self) -> Result<()> {
+        let client = self.client()?;
+        let generation = self.inner.status.borrow().generation;
+        let mut status = self.inner.status.subscribe();
+        let timeout = client.session_timeout();
+        let hosts = self.inner.hosts.clone();
+        let thief = zk::Client::connector().with_session(client.session().clone()).with_session_timeout(timeout);
+        drop(client);
+        let thief = tokio::time::timeout(timeout, thief.connect(&hosts))
+            .await
+            .map_err(|_| CoordError::Timeout(format!("no second connection to {hosts}")))?
+            .map_err(|e| map_error(e, "/"))?;
+        // Dropping the only handle of the taken-over session closes it on the server.
+        drop(thief);
+        let ended = status.wait_for(|s| s.generation > generation || s.state == SessionState::Expired);
+        let _ = tokio::time::timeout(timeout * 2, ended).await;
+        Ok(())
     }
 
     fn client(&self) -> Result<zk::Client> {
@@ -210,7 +229,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut states: zk::StateWatcher, 
 /// Connects a new session with capped exponential backoff; installs it as the current client.
 /// Returns `None` if the handle was dropped or closed meanwhile.
 async fn reconnect(inner: &std::sync::Weak<Inner>) -> Option<zk::Client> {
-    let mut delay = RECONNECT_BACKOFF_MIN;
+    let mut delays = crate::retry::COORDINATION.delays();
     loop {
         let owner = inner.upgrade()?;
         if owner.client.lock().expect("client lock").is_none() {
@@ -227,9 +246,9 @@ async fn reconnect(inner: &std::sync::Weak<Inner>) -> Option<zk::Client> {
                 return Some(client);
             }
             Err(e) => {
+                let delay = delays.next().unwrap_or_default();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot build a new ZooKeeper session");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
     }

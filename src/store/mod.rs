@@ -18,7 +18,6 @@
 //! runners decide, and call it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,11 +41,6 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// How many times a compare-and-set is retried when other writers keep winning.
 pub const CAS_ATTEMPTS: u32 = 16;
-/// Backoff of the background removal of a claim nobody holds, first and last.
-const SWEEP_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const SWEEP_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Pause between compare-and-set attempts, doubled each time up to 16x.
-const CAS_BACKOFF: Duration = Duration::from_millis(5);
 
 /// Proof of a role: an ephemeral node the writer's session created and never sets. A fenced
 /// write succeeds only while that node exists at version 0.
@@ -416,7 +410,7 @@ impl TaskStore {
         let coord = self.coord.clone();
         let generation = coord.status().generation;
         tokio::spawn(async move {
-            let mut delay = SWEEP_BACKOFF_MIN;
+            let mut delays = crate::retry::COORDINATION.delays();
             while coord.status().generation == generation && coord.status().state != crate::coord::SessionState::Closed
             {
                 let swept = async {
@@ -432,8 +426,7 @@ impl TaskStore {
                     Ok(()) | Err(CoordError::NoNode { .. }) => return,
                     Err(e) if e.is_transient() => {
                         debug!(%locks, %name_prefix, error = %e, "cannot remove a claim yet; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(SWEEP_BACKOFF_MAX);
+                        delays.wait().await;
                     }
                     Err(e) => {
                         tracing::warn!(%locks, %name_prefix, error = %e, "cannot remove a claim");
@@ -651,7 +644,7 @@ fn fence_error(e: CoordError, fence: &Fence) -> Result<CoordError> {
 /// Waits before the next compare-and-set attempt if `e` is a lost race; fails otherwise.
 async fn retry_on_bad_version(e: CoordError, attempt: u32) -> Result<()> {
     if matches!(e.root(), CoordError::BadVersion { .. }) {
-        tokio::time::sleep(CAS_BACKOFF * 2u32.pow(attempt.min(4))).await;
+        tokio::time::sleep(crate::retry::CAS.delay(attempt + 1)).await;
         Ok(())
     } else {
         Err(e.into())

@@ -1,6 +1,8 @@
 //! A real ZooKeeper server, from Debian's `zookeeper` package, launched by the tests themselves on
 //! a free loopback port with its own temporary data directory, or ([`ZkServer::start_in_netns`])
-//! inside a network namespace of the tests, listening on an address there (`ip netns exec`).
+//! inside a network namespace of the tests, listening on an address there (`ip netns exec`); or
+//! a three-server ensemble on loopback ([`ZkEnsemble`]), whose servers are killed and restarted
+//! one by one.
 //!
 //! Every server is forked by one launcher thread that lives as long as the test process, and the
 //! child asks the kernel (`PR_SET_PDEATHSIG`) to SIGKILL it when that thread goes away, so no
@@ -44,7 +46,28 @@ pub struct ZkServer {
     dir: PathBuf,
     /// Removes the directory when the server is dropped (statics are cleaned at exit instead).
     _tempdir: tempfile::TempDir,
+    /// Standalone, or one member of a [`ZkEnsemble`]: how it is launched and when it serves.
+    role: Role,
     child: Mutex<Option<Child>>,
+}
+
+/// What a server is, which decides its main class and what "serving" means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// `ZooKeeperServerMain`; serves once it answers `ruok`.
+    Standalone,
+    /// `QuorumPeerMain` of an ensemble; serves once `srvr` says it leads or follows (`ruok`
+    /// answers as soon as the process listens, in a quorum or not).
+    Member,
+}
+
+impl Role {
+    fn main_class(self) -> &'static str {
+        match self {
+            Role::Standalone => "org.apache.zookeeper.server.ZooKeeperServerMain",
+            Role::Member => "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+        }
+    }
 }
 
 impl ZkServer {
@@ -81,7 +104,8 @@ impl ZkServer {
         let tempdir = tempfile::Builder::new().prefix("tc-zookeeper-").tempdir().expect("create a temp dir");
         let dir = tempdir.path().to_path_buf();
         write_config(&dir, address);
-        let server = ZkServer { address, netns, dir, _tempdir: tempdir, child: Mutex::new(None) };
+        let server =
+            ZkServer { address, netns, dir, _tempdir: tempdir, role: Role::Standalone, child: Mutex::new(None) };
         server.launch();
         server.wait_serving().map(|()| server)
     }
@@ -174,54 +198,30 @@ impl ZkServer {
     }
 
     fn launch(&self) {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("zookeeper.log"))
-            .expect("open the ZooKeeper log");
-        let mut cmd = match &self.netns {
-            None => Command::new("java"),
-            // `ip netns exec` execs java in place: the child's pid is the JVM's.
-            Some(netns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", netns.as_str(), "java"]);
-                cmd
-            }
-        };
-        cmd.arg("-Xmx256m")
-            .arg("-Dzookeeper.admin.enableServer=false")
-            .arg("-cp")
-            .arg(format!("{ZOOKEEPER_JAR}:{ZOOKEEPER_CONF_DIR}"))
-            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
-            .arg(self.dir.join("zoo.cfg"))
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log file handle"))
-            .stderr(log);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The test process died between fork and prctl: do not start an orphan.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let child = spawn_from_launcher(cmd).unwrap_or_else(|e| panic!("cannot launch java for ZooKeeper: {e}"));
+        let child = launch_java(self.netns.as_deref(), &self.dir, self.role.main_class());
         *self.child() = Some(child);
     }
 
-    /// Waits until the server answers `ruok` with `imok`. On failure, the message to panic with.
+    /// Whether the server serves clients now: it answers `ruok` with `imok` (standalone), or
+    /// `srvr` says it leads or follows (ensemble member).
+    fn serving(&self) -> bool {
+        match self.role {
+            Role::Standalone => ruok_in(self.netns.as_deref(), self.address),
+            Role::Member => quorum_mode_at(self.address).is_some(),
+        }
+    }
+
+    /// Waits until the server serves ([`ZkServer::serving`]). On failure, the message to panic
+    /// with.
     fn wait_serving(&self) -> Result<(), String> {
         let deadline = Instant::now() + START_DEADLINE;
         let mut backoff = Duration::from_millis(10);
+        let what = match self.role {
+            Role::Standalone => "answer ruok",
+            Role::Member => "lead or follow in a quorum",
+        };
         loop {
-            if ruok_in(self.netns.as_deref(), self.address) {
+            if self.serving() {
                 return Ok(());
             }
             let exited = match self.child().as_mut() {
@@ -239,7 +239,7 @@ impl ZkServer {
             if Instant::now() >= deadline {
                 Self::kill_child(&mut self.child());
                 return Err(format!(
-                    "ZooKeeper on {}{} did not answer ruok within {START_DEADLINE:?}; log tail:\n{}",
+                    "ZooKeeper on {}{} did not {what} within {START_DEADLINE:?}; log tail:\n{}",
                     self.address,
                     self.netns.as_ref().map_or(String::new(), |ns| format!(" in namespace {ns}")),
                     self.log_tail(40)
@@ -258,6 +258,208 @@ impl Drop for ZkServer {
     }
 }
 
+/// Ticks of an ensemble's servers (ms). The followers must connect to a new leader and sync
+/// within `initLimit` ticks, and answer it within `syncLimit`: with these the ensemble forms,
+/// and forms again after a member's death or a lost quorum, within a few seconds.
+const ENSEMBLE_TICK_MS: u32 = 500;
+const ENSEMBLE_INIT_LIMIT: u32 = 10;
+const ENSEMBLE_SYNC_LIMIT: u32 = 5;
+/// How long [`ZkEnsemble::start`] waits for a real client's write to go through.
+const ENSEMBLE_WRITE_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A three-server ZooKeeper ensemble on 127.0.0.1: each server has its own temporary directory
+/// (data with `myid`, `zoo.cfg`, `zookeeper.log`), client port, quorum port and election port.
+/// Servers are numbered 0, 1, 2 here (their `myid` is 1, 2, 3). Every server is killed, by its
+/// pid, and its data removed when the ensemble is dropped (each server's own `Drop`).
+pub struct ZkEnsemble {
+    servers: Vec<ZkServer>,
+}
+
+impl ZkEnsemble {
+    /// How many servers an ensemble has.
+    pub const SIZE: usize = 3;
+
+    /// Launches the three servers and waits until every one of them leads or follows (`srvr`)
+    /// and a real client's write through the ensemble is acknowledged.
+    ///
+    /// Panics with [`NOT_INSTALLED`] when ZooKeeper or Java is missing, and with the tail of the
+    /// server's log when a server does not serve within 30 s.
+    pub fn start() -> ZkEnsemble {
+        ensure_installed();
+        let mut attempt = 0;
+        let ensemble = loop {
+            attempt += 1;
+            match Self::try_start() {
+                Ok(ensemble) => break ensemble,
+                // Another process took one of the ports between our probe and a server's bind.
+                Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        };
+        ensemble.wait_write(ENSEMBLE_WRITE_DEADLINE);
+        ensemble
+    }
+
+    fn try_start() -> Result<ZkEnsemble, String> {
+        // Nine distinct ports: a client, a quorum and an election port per server.
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 3 * Self::SIZE {
+            let port = free_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let peers: String = (0..Self::SIZE)
+            .map(|i| format!("server.{}=127.0.0.1:{}:{}\n", i + 1, ports[3 * i + 1], ports[3 * i + 2]))
+            .collect();
+        let extra = format!("initLimit={ENSEMBLE_INIT_LIMIT}\nsyncLimit={ENSEMBLE_SYNC_LIMIT}\n{peers}");
+        let mut servers = Vec::new();
+        for i in 0..Self::SIZE {
+            let tempdir = tempfile::Builder::new()
+                .prefix(&format!("tc-zookeeper-ensemble-{}-", i + 1))
+                .tempdir()
+                .expect("create a temp dir");
+            let dir = tempdir.path().to_path_buf();
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[3 * i]));
+            write_config_with(&dir, address, ENSEMBLE_TICK_MS, &extra);
+            fs::write(dir.join("data").join("myid"), format!("{}\n", i + 1)).expect("write myid");
+            servers.push(ZkServer {
+                address,
+                netns: None,
+                dir,
+                _tempdir: tempdir,
+                role: Role::Member,
+                child: Mutex::new(None),
+            });
+        }
+        for server in &servers {
+            server.launch();
+        }
+        // Each waits until it leads or follows; the others are launched meanwhile, so the first
+        // wait covers the election. On failure the servers are killed as they are dropped.
+        for server in &servers {
+            server.wait_serving()?;
+        }
+        Ok(ZkEnsemble { servers })
+    }
+
+    /// Waits until a real client's write (an ephemeral node, on a session of its own) through
+    /// the ensemble's connect string is acknowledged, which needs a quorum. Panics after
+    /// `limit` with every server's mode and log tail.
+    pub fn wait_write(&self, limit: Duration) {
+        use task_center::coord::{Coordination, CreateMode, ZkConfig, ZkCoordination};
+        let connect = self.connect_string("");
+        let path = format!("/tc-ensemble-probe-{}", std::process::id());
+        // The test's own runtime may be the caller's: use a runtime of its own on a thread of its
+        // own (a runtime cannot block inside another).
+        let outcome = thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                    runtime.block_on(async {
+                        let deadline = tokio::time::Instant::now() + limit;
+                        let mut last = String::from("no attempt");
+                        while tokio::time::Instant::now() < deadline {
+                            let config = ZkConfig { session_timeout_ms: 4_000, ..ZkConfig::new(connect.clone()) };
+                            match ZkCoordination::connect(config).await {
+                                Ok(client) => {
+                                    let created = client.create(&path, b"probe", CreateMode::Ephemeral).await;
+                                    client.close().await;
+                                    match created {
+                                        Ok(_) => return None,
+                                        Err(e) => last = format!("create {path}: {e}"),
+                                    }
+                                }
+                                Err(e) => last = format!("connect {connect}: {e}"),
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Some(last)
+                    })
+                })
+                .join()
+                .unwrap_or_else(|_| Some("the probe thread panicked".into()))
+        });
+        if let Some(last) = outcome {
+            panic!("the ensemble did not acknowledge a write within {limit:?} ({last}); {}", self.describe(40));
+        }
+    }
+
+    /// `127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/chroot` (`chroot` may be empty or `/` for none).
+    pub fn connect_string(&self, chroot: &str) -> String {
+        let hosts: Vec<String> = self.servers.iter().map(|s| s.address.to_string()).collect();
+        format!("{}{}", hosts.join(","), chroot_suffix(chroot))
+    }
+
+    /// Server `i` (0, 1 or 2).
+    pub fn server(&self, i: usize) -> &ZkServer {
+        &self.servers[i]
+    }
+
+    /// Kills server `i` (SIGKILL to its pid) and waits for it to exit. Its data stays, for
+    /// [`ZkEnsemble::restart`].
+    pub fn kill(&self, i: usize) {
+        self.servers[i].kill();
+    }
+
+    /// Starts server `i` again on the same ports and data, and waits until it leads or follows,
+    /// which needs a quorum of running servers (itself included). Panics if it is running, or
+    /// with its log tail if it does not serve within 30 s.
+    pub fn restart(&self, i: usize) {
+        assert!(!self.is_running(i), "restart({i}) of a running ZooKeeper server: kill({i}) it first");
+        self.servers[i].launch();
+        if let Err(log) = self.servers[i].wait_serving() {
+            panic!("{log}\n{}", self.describe(20));
+        }
+    }
+
+    /// Whether server `i`'s process is alive.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.servers[i].is_running()
+    }
+
+    /// `leader` or `follower` if server `i` serves in a quorum now, `None` otherwise.
+    pub fn mode(&self, i: usize) -> Option<String> {
+        quorum_mode_at(self.servers[i].address)
+    }
+
+    /// The server that leads the quorum now, if any.
+    pub fn leader(&self) -> Option<usize> {
+        (0..Self::SIZE).find(|&i| self.mode(i).as_deref() == Some("leader"))
+    }
+
+    /// How many client connections server `i` has now (`srvr`), 0 if it cannot be asked. The
+    /// count includes the connection asking.
+    pub fn connections(&self, i: usize) -> usize {
+        four_letter_at(self.servers[i].address, "srvr")
+            .and_then(|answer| {
+                answer.lines().find_map(|line| line.strip_prefix("Connections: ")).and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The last `lines` lines of server `i`'s output.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        self.servers[i].log_tail(lines)
+    }
+
+    /// Every server's state and the last `lines` lines of its log, for a failure message.
+    pub fn describe(&self, lines: usize) -> String {
+        (0..Self::SIZE)
+            .map(|i| {
+                format!(
+                    "--- ZooKeeper server {i} ({}, running: {}, mode: {:?}) ---\n{}",
+                    self.servers[i].address,
+                    self.is_running(i),
+                    self.mode(i),
+                    self.log_tail(i, lines)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// `127.0.0.1:PORT/chroot` (`chroot` may be empty or `/` for no chroot).
 pub fn connect_string(port: u16, chroot: &str) -> String {
     connect_string_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), chroot)
@@ -265,13 +467,16 @@ pub fn connect_string(port: u16, chroot: &str) -> String {
 
 /// `ADDRESS:PORT/chroot` (`chroot` may be empty or `/` for no chroot).
 pub fn connect_string_at(address: SocketAddr, chroot: &str) -> String {
+    format!("{address}{}", chroot_suffix(chroot))
+}
+
+/// What follows the hosts in a connect string for `chroot`: empty, or `/chroot`.
+fn chroot_suffix(chroot: &str) -> String {
     let chroot = chroot.trim_end_matches('/');
-    if chroot.is_empty() {
-        format!("{address}")
-    } else if chroot.starts_with('/') {
-        format!("{address}{chroot}")
+    if chroot.is_empty() || chroot.starts_with('/') {
+        chroot.to_string()
     } else {
-        format!("{address}/{chroot}")
+        format!("/{chroot}")
     }
 }
 
@@ -333,11 +538,17 @@ pub fn free_port() -> u16 {
 }
 
 fn write_config(dir: &Path, address: SocketAddr) {
+    write_config_with(dir, address, TICK_MS, "");
+}
+
+/// Writes `dir/zoo.cfg` for a server with its data in `dir/data`, clients on `address`, ticks of
+/// `tick_ms`, and `extra` lines (an ensemble's) at the end.
+fn write_config_with(dir: &Path, address: SocketAddr, tick_ms: u32, extra: &str) {
     let (host, port) = (address.ip(), address.port());
     let data = dir.join("data");
     fs::create_dir_all(&data).expect("create the ZooKeeper data dir");
     let config = format!(
-        "tickTime={TICK_MS}\n\
+        "tickTime={tick_ms}\n\
          dataDir={}\n\
          clientPort={port}\n\
          clientPortAddress={host}\n\
@@ -345,12 +556,54 @@ fn write_config(dir: &Path, address: SocketAddr) {
          4lw.commands.whitelist=*\n\
          minSessionTimeout={}\n\
          maxSessionTimeout=60000\n\
-         extendedTypesEnabled=true\n",
+         extendedTypesEnabled=true\n\
+         {extra}",
         data.display(),
-        2 * TICK_MS,
+        2 * tick_ms,
     );
     let mut file = File::create(dir.join("zoo.cfg")).expect("create zoo.cfg");
     file.write_all(config.as_bytes()).expect("write zoo.cfg");
+}
+
+/// Launches `java ... MAIN_CLASS dir/zoo.cfg` (inside `netns` if given) from the launcher thread,
+/// its output appended to `dir/zookeeper.log`, SIGKILLed by the kernel if the launcher goes away.
+fn launch_java(netns: Option<&str>, dir: &Path, main_class: &str) -> Child {
+    let log =
+        OpenOptions::new().create(true).append(true).open(dir.join("zookeeper.log")).expect("open the ZooKeeper log");
+    let mut cmd = match netns {
+        None => Command::new("java"),
+        // `ip netns exec` execs java in place: the child's pid is the JVM's.
+        Some(netns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", netns, "java"]);
+            cmd
+        }
+    };
+    cmd.arg("-Xmx256m")
+        .arg("-Dzookeeper.admin.enableServer=false")
+        .arg("-cp")
+        .arg(format!("{ZOOKEEPER_JAR}:{ZOOKEEPER_CONF_DIR}"))
+        .arg(main_class)
+        .arg(dir.join("zoo.cfg"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone the log file handle"))
+        .stderr(log);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The test process died between fork and prctl: do not start an orphan.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    spawn_from_launcher(cmd).unwrap_or_else(|e| panic!("cannot launch java for ZooKeeper: {e}"))
 }
 
 /// Whether a server answers the four-letter word `ruok` with `imok` on 127.0.0.1:`port`.
@@ -380,15 +633,28 @@ pub fn ruok_in(netns: Option<&str>, addr: SocketAddr) -> bool {
 
 /// Whether a server answers the four-letter word `ruok` with `imok` at `addr`.
 pub fn ruok_at(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
+    four_letter_at(addr, "ruok").as_deref() == Some("imok")
+}
+
+/// The answer of the server at `addr` to the four-letter word `word` (`ruok`, `srvr`, `cons`,
+/// ...), or `None` if it cannot be reached or asked.
+pub fn four_letter_at(addr: SocketAddr, word: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    if stream.write_all(b"ruok").is_err() {
-        return false;
-    }
+    stream.write_all(word.as_bytes()).ok()?;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
-    answer == "imok"
+    Some(answer)
+}
+
+/// `leader`, `follower` (or `observer`) if the ensemble member at `addr` serves in a quorum,
+/// `None` if it cannot be reached or is not serving (it answers `srvr` with "This ZooKeeper
+/// instance is not currently serving requests" then).
+pub fn quorum_mode_at(addr: SocketAddr) -> Option<String> {
+    let answer = four_letter_at(addr, "srvr")?;
+    let mode = answer.lines().find_map(|line| line.strip_prefix("Mode: "))?.trim();
+    matches!(mode, "leader" | "follower" | "observer").then(|| mode.to_string())
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

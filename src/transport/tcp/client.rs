@@ -4,7 +4,7 @@
 //! Each address has a [`Peer`] slot that is idle, connecting, connected or backing off. The
 //! first call that finds no usable connection starts one connection attempt on its own task;
 //! every call arriving meanwhile waits for that attempt (within its own timeout) instead of
-//! dialing again. A failed attempt starts a backoff (`min * 2^(failures - 1)`, capped); calls
+//! dialing again. A failed attempt starts a backoff (`min * 2^(failures - 1)`, jittered, capped); calls
 //! during it fail at once. A connection that breaks fails its waiting calls and is replaced by
 //! the next call, immediately; only failed attempts back off.
 //!

@@ -151,12 +151,12 @@ impl TcpConfig {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
-    /// The wait after `failures` consecutive failed connection attempts (`failures >= 1`):
-    /// `min * 2^(failures - 1)`, capped at the maximum.
+    /// The wait after `failures` consecutive failed connection attempts (`failures >= 1`), by
+    /// the crate's retry policy: between `d` and `2d` with `d = min * 2^(failures - 1)`, capped
+    /// at the maximum.
     pub(super) fn reconnect_backoff(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(32);
-        let millis = self.reconnect_backoff_min_ms.saturating_mul(1u64 << doublings);
-        Duration::from_millis(millis.min(self.reconnect_backoff_max_ms))
+        let (min, max) = (self.reconnect_backoff_min_ms, self.reconnect_backoff_max_ms);
+        crate::retry::Backoff::new(Duration::from_millis(min), Duration::from_millis(max)).delay(failures)
     }
 }
 
@@ -209,11 +209,15 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_maximum() {
+    fn backoff_doubles_with_jitter_up_to_the_maximum() {
         let config = TcpConfig::new(SECRET);
-        let waits: Vec<u64> = (1..=9).map(|n| config.reconnect_backoff(n).as_millis() as u64).collect();
-        assert_eq!(waits, [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(config.reconnect_backoff(u32::MAX).as_millis(), 5000);
+        for n in 1..=9u32 {
+            let base = (50u64 << (n - 1)).min(2_500);
+            let wait = config.reconnect_backoff(n).as_millis() as u64;
+            assert!((base..=2 * base).contains(&wait) && wait <= 5_000, "attempt {n}: {wait} ms");
+        }
+        let last = config.reconnect_backoff(u32::MAX).as_millis() as u64;
+        assert!((2_500..=5_000).contains(&last), "{last} ms");
     }
 
     #[test]

@@ -119,11 +119,7 @@ impl OneshotReceiver {
         let receiver = self.receiver.take().unwrap();
         // The sender is gone when the client is dropped or closed with the watch pending: report
         // the session's end instead of panicking in the caller's task.
-        let event = receiver.await.unwrap_or_else(|_| {
-            let mut event = WatchedEvent::new(EventType::Session, "");
-            event.session_state = SessionState::Closed;
-            event
-        });
+        let event = receiver.await.unwrap_or_else(|_| WatchedEvent::new_session(SessionState::Closed));
         self.watcher.discard();
         event
     }
@@ -150,7 +146,8 @@ impl PersistentReceiver {
     }
 
     pub async fn recv(&mut self) -> WatchedEvent {
-        self.receiver.next().await.unwrap()
+        // As for one-shot watches: a dropped client ends the stream; report the session's end.
+        self.receiver.next().await.unwrap_or_else(|| WatchedEvent::new_session(SessionState::Closed))
     }
 
     pub async fn remove(self) -> Result<(), Error> {
