@@ -423,22 +423,25 @@ async fn call(
     timeout: Duration,
 ) -> Result<ClientReply, Failure> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut delay = Duration::from_millis(100);
+    let mut delays = task_center::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).delays();
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let outcome = transport.call(node, PeerRequest::Client(request.clone()), left).await;
         let retry = match outcome {
             Ok(PeerReply::Client(Ok(reply))) => return Ok(reply),
+            Ok(PeerReply::Client(Err(ApiError::CoordinationUnavailable(reason)))) => {
+                format!("node {node} is up, but ZooKeeper (the coordination service) is not answering it: {reason}")
+            }
             Ok(PeerReply::Client(Err(e))) if e.is_transient() => e.to_string(),
             Ok(PeerReply::Client(Err(e))) => return Err(Failure(1, refusal(&e))),
             Ok(other) => return Err(Failure(2, format!("unexpected answer {other:?}"))),
             Err(e) => e.to_string(),
         };
+        let delay = delays.next().unwrap_or_default();
         if tokio::time::Instant::now() + delay >= deadline {
             return Err(Failure(2, format!("no answer from the cluster: {retry}")));
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

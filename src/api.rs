@@ -232,6 +232,10 @@ pub enum ApiError {
     /// Something that should not happen; the message says what. Final.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The node is up but the coordination service (ZooKeeper) did not answer it, or its session
+    /// is being re-established. Transient: retry; the problem is ZooKeeper, not the node.
+    #[error("coordination service (ZooKeeper) unavailable, retry: {0}")]
+    CoordinationUnavailable(String),
 }
 
 impl ApiError {
@@ -239,7 +243,11 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ApiError::NotLeader { .. } | ApiError::Refused(_) | ApiError::Unavailable(_) | ApiError::ShuttingDown
+            ApiError::NotLeader { .. }
+                | ApiError::Refused(_)
+                | ApiError::Unavailable(_)
+                | ApiError::ShuttingDown
+                | ApiError::CoordinationUnavailable(_)
         )
     }
 }
@@ -267,7 +275,7 @@ impl From<crate::store::StoreError> for ApiError {
             StoreError::AlreadyExists { id } => ApiError::AlreadyExists { id },
             StoreError::Invalid(e) => e.into(),
             StoreError::Fenced { .. } => ApiError::NotLeader { leader: None },
-            e if e.is_transient() => ApiError::Unavailable(e.to_string()),
+            e if e.is_transient() => ApiError::CoordinationUnavailable(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
     }

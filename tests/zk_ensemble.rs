@@ -302,8 +302,16 @@ async fn quorum_lost_and_regained() {
         }
     }
     assert!(
-        outcomes.iter().all(|o| matches!(o, Err(ApiError::Unavailable(_) | ApiError::NotLeader { .. }))),
+        outcomes.iter().all(|o| matches!(
+            o,
+            Err(ApiError::CoordinationUnavailable(_) | ApiError::Unavailable(_) | ApiError::NotLeader { .. })
+        )),
         "unexpected errors during the outage: {outcomes:?}"
+    );
+    // What an operator needs to read: ZooKeeper, not the node, is the problem.
+    assert!(
+        outcomes.iter().any(|o| matches!(o, Err(ApiError::CoordinationUnavailable(_)))),
+        "no error during the outage names the coordination service: {outcomes:?}"
     );
     assert_live(&nodes);
 

@@ -326,7 +326,7 @@ impl Drive {
                 Outcome::Dropped(reason)
             }
         };
-        self.runner.do_send(ControllerFinished { id, outcome });
+        let _ = self.runner.send(ControllerFinished { id, outcome }).await;
     }
 
     async fn drive(&mut self) -> End {

@@ -201,11 +201,13 @@ impl Dispatcher {
             let running = mirror.list_by_state(TaskState::Running, i64::MIN, MAX_PASS_TASKS).await;
             let paused = mirror.list_by_state(TaskState::Paused, i64::MIN, MAX_PASS_TASKS).await;
             match (pending, running, paused) {
-                (Ok(pending), Ok(running), Ok(paused)) => addr.do_send(PassData { term, pending, running, paused }),
+                (Ok(pending), Ok(running), Ok(paused)) => {
+                    let _ = addr.send(PassData { term, pending, running, paused }).await;
+                }
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     warn!(error = %e, "cannot read the task mirror for scheduling");
                     let none = Vec::new;
-                    addr.do_send(PassData { term, pending: none(), running: none(), paused: none() });
+                    let _ = addr.send(PassData { term, pending: none(), running: none(), paused: none() }).await;
                 }
             }
         });
@@ -279,7 +281,7 @@ impl Dispatcher {
                     Ok(other) => (Err(ApiError::Internal(format!("runner answered {other:?}"))), true),
                     Err(e) => (Err(ApiError::Unavailable(e.to_string())), false),
                 };
-                addr.do_send(Assigned { id, runner: runner.node, result, reached });
+                let _ = addr.send(Assigned { id, runner: runner.node, result, reached }).await;
             });
         }
 
@@ -304,7 +306,7 @@ impl Dispatcher {
             let (store, fence, addr, id) = (self.config.store.clone(), fence.clone(), ctx.address(), task.id);
             actix::spawn(async move {
                 rescue(&store, &fence, id, &owner).await;
-                addr.do_send(Rescued(id));
+                let _ = addr.send(Rescued(id)).await;
             });
         }
     }
@@ -353,7 +355,9 @@ impl Dispatcher {
         let (clock, addr, stop) = (self.config.schedule.clock().clone(), ctx.address(), self.stop.clone());
         actix::spawn(async move {
             tokio::select! {
-                _ = clock.sleep_until(at) => addr.do_send(Wake(at)),
+                _ = clock.sleep_until(at) => {
+                    let _ = addr.send(Wake(at)).await;
+                }
                 _ = stop.cancelled() => {}
             }
         });
@@ -502,7 +506,7 @@ impl Handler<Leadership> for Dispatcher {
                 let (mirror, addr) = (self.config.mirror.clone(), ctx.address());
                 actix::spawn(async move {
                     mirror.reload().await;
-                    addr.do_send(Ready(term));
+                    let _ = addr.send(Ready(term)).await;
                 });
             }
             Leadership::Lost => {
@@ -611,7 +615,7 @@ impl Handler<Client> for Dispatcher {
             return Box::pin(async move {
                 let reply = leader.serve(request).await;
                 if write && reply.is_ok() {
-                    addr.do_send(Kick);
+                    super::tell(&addr.clone().recipient(), Kick);
                 }
                 reply
             });

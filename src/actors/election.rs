@@ -242,7 +242,7 @@ impl Campaign {
             }
         };
         for to in &self.to {
-            to.do_send(message.clone());
+            super::tell(to, message.clone());
         }
     }
 }

@@ -29,3 +29,22 @@ pub use dispatcher::{Dispatcher, LeaderStatus};
 pub use election::{current_leader, LeaderInfo, Leadership};
 pub use runner::Runner;
 pub use vip::{VipReport, VipServer, VipSettings};
+
+/// Sends `message` to `to` within its mailbox's capacity, from code that cannot wait (a handler):
+/// at once when there is room, otherwise from a task that waits for room. Unlike `do_send`, it
+/// never grows a mailbox past the capacity the builder set. A stopped recipient is ignored.
+pub(crate) fn tell<M>(to: &actix::Recipient<M>, message: M)
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+{
+    match to.try_send(message) {
+        Ok(()) | Err(actix::prelude::SendError::Closed(_)) => {}
+        Err(actix::prelude::SendError::Full(message)) => {
+            let to = to.clone();
+            actix::spawn(async move {
+                let _ = to.send(message).await;
+            });
+        }
+    }
+}

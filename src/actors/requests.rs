@@ -250,7 +250,7 @@ pub(crate) async fn forward(
                 }
             }
             Ok(None) => last = ApiError::Unavailable("no leader elected".into()),
-            Err(e) => last = ApiError::Unavailable(format!("coordination: {e}")),
+            Err(e) => last = ApiError::CoordinationUnavailable(e.to_string()),
         }
         let delay = delays.next().unwrap_or_default();
         if Instant::now() + delay >= deadline {

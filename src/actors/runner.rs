@@ -139,7 +139,7 @@ impl Runner {
             loop {
                 match register(&store, &info).await {
                     Ok(()) => {
-                        addr.do_send(Registered(generation));
+                        let _ = addr.send(Registered(generation)).await;
                         return;
                     }
                     Err(e) if store.coordination().status().generation != generation => {
@@ -218,7 +218,7 @@ impl Handler<Session> for Runner {
         if status.generation != self.generation && !self.controllers.is_empty() {
             warn!(node = %self.config.node, tasks = self.controllers.len(), "session expired: claims are gone; dropping every task");
             for controller in self.controllers.values() {
-                controller.do_send(Abandon);
+                super::tell(&controller.clone().recipient(), Abandon);
             }
         }
         if status.state == SessionState::Connected && status.generation != self.generation && !self.stopping {
@@ -331,7 +331,7 @@ impl Handler<ControlChanged> for Runner {
 
     fn handle(&mut self, ControlChanged { id }: ControlChanged, _ctx: &mut Context<Self>) {
         if let Some(controller) = self.controllers.get(&id) {
-            controller.do_send(Refresh);
+            super::tell(&controller.clone().recipient(), Refresh);
         }
     }
 }
@@ -341,7 +341,7 @@ impl Handler<ControllerFinished> for Runner {
 
     fn handle(&mut self, ControllerFinished { id, outcome }: ControllerFinished, _ctx: &mut Context<Self>) {
         if let Some(controller) = self.controllers.remove(&id) {
-            controller.do_send(Abandon);
+            super::tell(&controller.clone().recipient(), Abandon);
         }
         info!(task = %id, ?outcome, node = %self.config.node, "controller finished");
         self.check_stopped();
@@ -365,9 +365,9 @@ impl Handler<StopRunner> for Runner {
         self.stopping = true;
         for controller in self.controllers.values() {
             if graceful {
-                controller.do_send(Checkpoint);
+                super::tell(&controller.clone().recipient(), Checkpoint);
             } else {
-                controller.do_send(Abandon);
+                super::tell(&controller.clone().recipient(), Abandon);
             }
         }
         if !graceful {

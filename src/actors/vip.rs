@@ -223,7 +223,7 @@ impl VipServer {
         };
         actix::spawn(async move {
             if let Err(e) = done.await {
-                addr.do_send(NetFailed(e));
+                let _ = addr.send(NetFailed(e)).await;
             }
         });
     }
@@ -273,7 +273,7 @@ async fn sync_arp(settings: VipSettings, server: Addr<VipServer>, term: u64) {
             }
         }
         debug!(round, count, "VIPs announced");
-        server.do_send(Announced { term, count });
+        let _ = server.send(Announced { term, count }).await;
         round += 1;
         let pause = if round < settings.arp_rounds {
             settings.arp_interval
@@ -315,7 +315,9 @@ impl Actor for VipServer {
         let (mirror, addr) = (self.config.mirror.clone(), ctx.address());
         actix::spawn(async move {
             match mirror.vips().await {
-                Ok(vips) => addr.do_send(Configured(vips)),
+                Ok(vips) => {
+                    let _ = addr.send(Configured(vips)).await;
+                }
                 Err(e) => warn!(error = %e, "cannot read the cached VIP configuration"),
             }
         });

@@ -225,6 +225,25 @@ impl EmbeddedCoordination {
         }
         f(&mut tree, slot.session)
     }
+
+    /// Runs a write like [`EmbeddedCoordination::call`]. On a durable server the journal's
+    /// `fdatasync` runs on tokio's blocking pool, not on the caller's thread (a node's actor
+    /// thread must not wait on a disk). If the caller gives up meanwhile, the write still
+    /// completes, as a ZooKeeper write whose reply was lost.
+    async fn write_call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tree, i64) -> Result<T> + Send + 'static,
+    {
+        let durable = self.handle.server.lock().journal.is_some();
+        if !durable || tokio::runtime::Handle::try_current().is_err() {
+            return self.call(f);
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.call(f))
+            .await
+            .unwrap_or_else(|e| Err(CoordError::Other(format!("embedded coordination: a write failed: {e}"))))
+    }
 }
 
 impl fmt::Debug for EmbeddedCoordination {
@@ -264,7 +283,8 @@ impl Coordination for EmbeddedCoordination {
 
     async fn create(&self, path: &str, data: &[u8], mode: CreateMode) -> Result<String> {
         check_write(path, data)?;
-        self.call(|tree, session| tree.write(session, |txn| txn.create(path, data, mode)))
+        let (path, data) = (path.to_string(), data.to_vec());
+        self.write_call(move |tree, session| tree.write(session, |txn| txn.create(&path, &data, mode))).await
     }
 
     async fn get(&self, path: &str) -> Result<(Vec<u8>, Stat)> {
@@ -298,12 +318,14 @@ impl Coordination for EmbeddedCoordination {
 
     async fn set(&self, path: &str, data: &[u8], expected: Option<Version>) -> Result<Stat> {
         check_write(path, data)?;
-        self.call(|tree, session| tree.write(session, |txn| txn.set(path, data, expected)))
+        let (path, data) = (path.to_string(), data.to_vec());
+        self.write_call(move |tree, session| tree.write(session, |txn| txn.set(&path, &data, expected))).await
     }
 
     async fn delete(&self, path: &str, expected: Option<Version>) -> Result<()> {
         check_path(path)?;
-        self.call(|tree, session| tree.write(session, |txn| txn.delete(path, expected)))
+        let path = path.to_string();
+        self.write_call(move |tree, session| tree.write(session, |txn| txn.delete(&path, expected))).await
     }
 
     async fn children(&self, path: &str) -> Result<Vec<String>> {
@@ -331,7 +353,7 @@ impl Coordination for EmbeddedCoordination {
         if ops.is_empty() {
             return self.call(|_, _| Ok(Vec::new()));
         }
-        self.call(|tree, session| {
+        self.write_call(move |tree, session| {
             tree.write(session, |txn| {
                 let apply = |(index, op)| {
                     txn.apply(op).map_err(|source| CoordError::OpFailed { index, source: Box::new(source) })
@@ -339,6 +361,7 @@ impl Coordination for EmbeddedCoordination {
                 ops.iter().enumerate().map(apply).collect()
             })
         })
+        .await
     }
 
     async fn watch_tree(&self, path: &str) -> Result<TreeWatch> {
