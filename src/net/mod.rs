@@ -16,7 +16,9 @@
 //! # Placement rules
 //!
 //! A VIP goes on the interface of the longest-prefix route that covers it in the **main** routing
-//! table, with that route's prefix length. The lookup is done here over a dump of the table, not
+//! table. Its prefix length is the route's for an on-link (connected) route, and a host prefix
+//! (`/32`, `/128`) for a route through a gateway or a default route
+//! ([`RouteMatch::vip_prefix_len`]). The lookup is done here over a dump of the table, not
 //! by the kernel (`ip route get fibmatch`): once a VIP is held by this node, the kernel answers
 //! with the `local` table's host route for it (`local 198.51.100.200 dev a`, a /32 on whichever
 //! interface holds it, right or wrong), which is exactly the case the periodic re-check must
@@ -177,12 +179,27 @@ pub struct RouteMatch {
     pub interface_name: String,
     /// The route's prefix length (24 for `198.51.100.0/24`, 0 for a default route).
     pub prefix_len: u8,
+    /// True for an on-link (connected) route: no gateway, the network is on the interface's
+    /// link.
+    pub on_link: bool,
 }
 
 impl RouteMatch {
     /// The route's output interface.
     pub fn interface(&self) -> Interface {
         Interface { index: self.interface_index, name: self.interface_name.clone() }
+    }
+
+    /// The prefix length a VIP placed by this route is held with: the route's own for an
+    /// on-link route (the VIP is one more address of that subnet), a host prefix (`/32`,
+    /// `/128`) for a route through a gateway or a default route, so that holding the VIP never
+    /// claims a subnet that is not on the link (a default route would otherwise give `/0`).
+    pub fn vip_prefix_len(&self, vip: IpAddr) -> u8 {
+        if self.on_link && self.prefix_len > 0 {
+            self.prefix_len
+        } else {
+            max_prefix_len(vip)
+        }
     }
 }
 

@@ -213,6 +213,8 @@ struct TableRoute {
     metric: u32,
     /// Where it sends: an interface, or nowhere.
     target: RouteTarget,
+    /// No gateway: the network is on the interface's link.
+    on_link: bool,
 }
 
 /// Where a route sends matching packets.
@@ -234,7 +236,12 @@ impl RoutingTable {
             .min_by_key(|route| (std::cmp::Reverse(route.prefix_len), route.metric))?;
         match &best.target {
             RouteTarget::Interface(index, name) => {
-                Some(RouteMatch { interface_index: *index, interface_name: name.clone(), prefix_len: best.prefix_len })
+                Some(RouteMatch {
+                    interface_index: *index,
+                    interface_name: name.clone(),
+                    prefix_len: best.prefix_len,
+                    on_link: best.on_link,
+                })
             }
             RouteTarget::Reject => None,
         }
@@ -267,13 +274,19 @@ fn table_route(message: &RouteMessage, names: &HashMap<u32, String>) -> Option<T
         _ => return None,
     };
     let (mut table, mut destination, mut oif, mut metric) = (u32::from(header.table), unspecified, None, 0);
+    let mut on_link = true;
     for attribute in &message.attributes {
         match attribute {
             RouteAttribute::Table(id) => table = *id,
             RouteAttribute::Destination(RouteAddress::Inet(v4)) => destination = IpAddr::V4(*v4),
             RouteAttribute::Destination(RouteAddress::Inet6(v6)) => destination = IpAddr::V6(*v6),
             RouteAttribute::Oif(index) => oif = Some(*index),
-            RouteAttribute::MultiPath(hops) if oif.is_none() => oif = hops.first().map(|hop| hop.interface_index),
+            RouteAttribute::MultiPath(hops) if oif.is_none() => {
+                oif = hops.first().map(|hop| hop.interface_index);
+                let via = |a: &RouteAttribute| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_));
+                on_link &= !hops.first().is_some_and(|hop| hop.attributes.iter().any(via));
+            }
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => on_link = false,
             RouteAttribute::Priority(priority) => metric = *priority,
             _ => {}
         }
@@ -290,7 +303,7 @@ fn table_route(message: &RouteMessage, names: &HashMap<u32, String>) -> Option<T
         RouteType::BlackHole | RouteType::Unreachable | RouteType::Prohibit | RouteType::Throw => RouteTarget::Reject,
         _ => return None,
     };
-    Some(TableRoute { destination, prefix_len: header.destination_prefix_length, metric, target })
+    Some(TableRoute { destination, prefix_len: header.destination_prefix_length, metric, target, on_link })
 }
 
 /// True when `network`/`prefix_len` covers `ip` (same family, same leading `prefix_len` bits).
@@ -417,6 +430,19 @@ mod tests {
         assert_eq!(lookup(&table, "203.0.113.5"), found("c", 0));
         assert_eq!(lookup(&table, "198.51.100.9"), found("a", 24));
         assert_eq!(lookup(&table, "2001:db8::1"), found("b", 0));
+    }
+
+    #[test]
+    fn a_route_through_a_gateway_is_not_on_link() {
+        let mut via = message("0.0.0.0", 0, 4);
+        via.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet("198.51.100.1".parse().unwrap())));
+        let table = RoutingTable::from_messages(&[via, message("198.51.100.0", 24, 2)], &names());
+        let default = table.lookup("203.0.113.5".parse().unwrap()).unwrap();
+        assert!(!default.on_link);
+        assert_eq!(default.vip_prefix_len("203.0.113.5".parse().unwrap()), 32);
+        let connected = table.lookup("198.51.100.9".parse().unwrap()).unwrap();
+        assert!(connected.on_link);
+        assert_eq!(connected.vip_prefix_len("198.51.100.9".parse().unwrap()), 24);
     }
 
     #[test]

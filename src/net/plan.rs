@@ -95,7 +95,8 @@ impl VipStep {
 /// (e.g. [`RoutingTable::lookup`](super::RoutingTable::lookup)), `current` every address on
 /// the node's interfaces ([`Netlink::addresses`]). Pure: changes nothing.
 ///
-/// A VIP goes on its route's interface with the route's prefix length. Held there and nowhere
+/// A VIP goes on its route's interface with [`RouteMatch::vip_prefix_len`]: the route's prefix
+/// for an on-link route, a host prefix otherwise. Held there and nowhere
 /// else: [`VipAction::InPlace`]. Held nowhere: [`VipAction::Add`]. Held anywhere else (whether
 /// or not also in the right place): [`VipAction::Move`]. No route: [`VipAction::NoRoute`].
 pub fn plan(vips: &[IpAddr], routes: impl Fn(IpAddr) -> Option<RouteMatch>, current: &[InterfaceAddress]) -> VipPlan {
@@ -119,11 +120,11 @@ fn plan_one(vip: IpAddr, route: Option<RouteMatch>, current: &[InterfaceAddress]
         held.iter().filter(|address| address.interface_index != route.interface_index).map(|a| (*a).clone()).collect();
     match (in_place, from.is_empty()) {
         (Some(_), true) => VipAction::InPlace { interface: route.interface() },
-        (None, true) => VipAction::Add { interface: route.interface(), prefix_len: route.prefix_len },
+        (None, true) => VipAction::Add { interface: route.interface(), prefix_len: route.vip_prefix_len(vip) },
         (in_place, false) => VipAction::Move {
             from,
             to: route.interface(),
-            prefix_len: in_place.map_or(route.prefix_len, |address| address.prefix_len),
+            prefix_len: in_place.map_or(route.vip_prefix_len(vip), |address| address.prefix_len),
         },
     }
 }
@@ -186,7 +187,7 @@ mod tests {
     }
 
     fn route(index: u32, prefix_len: u8) -> RouteMatch {
-        RouteMatch { interface_index: index, interface_name: format!("eth{index}"), prefix_len }
+        RouteMatch { interface_index: index, interface_name: format!("eth{index}"), prefix_len, on_link: true }
     }
 
     fn held(index: u32, address: &str, prefix_len: u8) -> InterfaceAddress {
@@ -215,6 +216,18 @@ mod tests {
         assert_eq!(action(&plan, "198.51.100.20"), VipAction::Add { interface: interface(2), prefix_len: 24 });
         assert!(!plan.is_settled());
         assert_eq!(plan.interface_of(ip("198.51.100.20")), Some(&interface(2)));
+    }
+
+    #[test]
+    fn a_vip_routed_through_a_gateway_or_a_default_route_gets_a_host_prefix() {
+        let via = |prefix_len| RouteMatch { on_link: false, ..route(3, prefix_len) };
+        let vips = [ip("203.0.113.7"), ip("2001:db8:5::7"), ip("198.51.100.7")];
+        let table = [("203.0.113.7", via(0)), ("2001:db8:5::7", via(48)), ("198.51.100.7", route(2, 0))];
+        let plan = plan(&vips, routes(&table), &[]);
+        assert_eq!(action(&plan, "203.0.113.7"), VipAction::Add { interface: interface(3), prefix_len: 32 });
+        assert_eq!(action(&plan, "2001:db8:5::7"), VipAction::Add { interface: interface(3), prefix_len: 128 });
+        // An on-link default route (a point-to-point link) is no subnet either.
+        assert_eq!(action(&plan, "198.51.100.7"), VipAction::Add { interface: interface(2), prefix_len: 32 });
     }
 
     #[test]
