@@ -64,15 +64,24 @@ struct Args {
     /// Period of the leader's VIP re-check.
     #[arg(long)]
     vip_check_interval_ms: Option<u64>,
-    /// Announcement rounds after a leader change.
+    /// Announcement frames per burst (default 5).
+    #[arg(long)]
+    arp_burst: Option<u32>,
+    /// Announcement bursts after a leader change or a newly placed VIP (default 2).
     #[arg(long)]
     arp_rounds: Option<u32>,
-    /// Pause between announcement rounds.
+    /// Pause between announcement bursts (default 5000).
     #[arg(long)]
     arp_interval_ms: Option<u64>,
-    /// Keep announcing at this period after the rounds.
+    /// Keep announcing at this period after the bursts (default 60000; 0 turns it off).
     #[arg(long)]
     arp_refresh_ms: Option<u64>,
+    /// Announcement period of a VIP another host answers for (default 1000).
+    #[arg(long)]
+    vip_conflict_interval_ms: Option<u64>,
+    /// How long a probe for another host answering for a VIP listens (default 200).
+    #[arg(long)]
+    vip_probe_window_ms: Option<u64>,
     /// IANA time zone of run windows (default UTC); every node of a cluster must use the same.
     #[arg(long)]
     time_zone: Option<String>,
@@ -126,7 +135,10 @@ impl Args {
             step_timeout_ms: self.step_timeout_ms.or(file.step_timeout_ms),
             stop_timeout_ms: self.stop_timeout_ms.or(file.stop_timeout_ms),
             temporary_failure_limit: self.temporary_failure_limit.or(file.temporary_failure_limit),
+            arp_burst: self.arp_burst.or(file.arp_burst),
             arp_rounds: self.arp_rounds.or(file.arp_rounds),
+            vip_conflict_interval_ms: self.vip_conflict_interval_ms.or(file.vip_conflict_interval_ms),
+            vip_probe_window_ms: self.vip_probe_window_ms.or(file.vip_probe_window_ms),
             arp_interval_ms: self.arp_interval_ms.or(file.arp_interval_ms),
             arp_refresh_ms: self.arp_refresh_ms.or(file.arp_refresh_ms),
             time_zone: self.time_zone.or(file.time_zone),
@@ -186,13 +198,24 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(ms) = args.vip_check_interval_ms {
         vips.check_interval = Duration::from_millis(ms);
     }
+    if let Some(burst) = args.arp_burst {
+        vips.arp_burst = burst;
+    }
     if let Some(rounds) = args.arp_rounds {
         vips.arp_rounds = rounds;
     }
     if let Some(ms) = args.arp_interval_ms {
         vips.arp_interval = Duration::from_millis(ms);
     }
-    vips.arp_refresh = args.arp_refresh_ms.map(Duration::from_millis);
+    if let Some(ms) = args.arp_refresh_ms {
+        vips.arp_refresh = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    if let Some(ms) = args.vip_conflict_interval_ms {
+        vips.conflict_interval = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.vip_probe_window_ms {
+        vips.probe_window = Duration::from_millis(ms);
+    }
     builder = builder.vips(vips);
     if let Some(zone) = args.time_zone.clone() {
         builder = builder.time_zone(zone);

@@ -310,8 +310,27 @@ async fn run(cli: Cli) -> Result<Done, Failure> {
     if let Some(interval) = watch_interval {
         return watch(&transport, &cli.node, request, cli.json, interval, timeout).await;
     }
+    let set_service = match &request {
+        ClientRequest::SetVip(config) => Some(config.service.clone()),
+        _ => None,
+    };
     let reply = call(&transport, &cli.node, request, timeout).await?;
+    if let (Some(service), ClientReply::Vips(vips)) = (set_service, &reply) {
+        warn_unroutable(vips, &service);
+    }
     Ok(Done::ok(if cli.json { json(&reply) } else { table(&reply) }))
+}
+
+/// After `vip set`: warns (on stderr; the configuration is stored) about each address of
+/// `service` that no live node's routes cover, since no leader could place it.
+fn warn_unroutable(vips: &[task_center::api::VipStatus], service: &str) {
+    let addresses = vips.iter().filter(|v| v.config.service == service).flat_map(|v| &v.addresses);
+    for address in addresses.filter(|a| a.state == task_center::model::VipState::NoRoute) {
+        eprintln!(
+            "warning: no live node has a route that covers {}; it is stored, but no leader can place it",
+            address.address
+        );
+    }
 }
 
 /// `task watch`: shows the task (`request` is its `Show`) every `interval` until it is terminal.
@@ -486,16 +505,19 @@ fn table(reply: &ClientReply) -> String {
             let rows: Vec<Vec<String>> = vips
                 .iter()
                 .flat_map(|v| {
-                    v.config.addresses.iter().map(move |a| {
+                    v.addresses.iter().map(move |a| {
+                        let holders: Vec<String> = a.holders.iter().map(|h| h.to_string()).collect();
                         vec![
                             v.config.service.clone(),
-                            a.to_string(),
-                            v.holder.as_ref().map_or("-".into(), |h| h.to_string()),
+                            a.address.to_string(),
+                            if holders.is_empty() { "-".into() } else { holders.join(",") },
+                            a.state.to_string(),
+                            if a.notes.is_empty() { "-".into() } else { a.notes.join("; ") },
                         ]
                     })
                 })
                 .collect();
-            aligned(&["SERVICE", "ADDRESS", "HOLDER"], &rows)
+            aligned(&["SERVICE", "ADDRESS", "HOLDER", "STATE", "NOTES"], &rows)
         }
     }
 }

@@ -112,13 +112,17 @@ pub enum ClientReply {
     Vips(Vec<VipStatus>),
 }
 
-/// A service's virtual IPs and where they live.
+/// A service's virtual IPs and where they live, from what each live node reports its
+/// interfaces hold (not from who should hold them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipStatus {
     /// The configuration.
     pub config: VipConfig,
-    /// The node that should hold them: the leader.
+    /// The node whose interfaces hold every address of the service, if exactly one does.
     pub holder: Option<NodeId>,
+    /// Each address: its holders, its state (placed, conflict, no route, disabled, unplaced)
+    /// and notes (conflicting hardware addresses, errors).
+    pub addresses: Vec<crate::model::VipAddressStatus>,
 }
 
 /// A runner and its load.

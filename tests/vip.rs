@@ -133,6 +133,60 @@ impl Site {
         }
     }
 
+    /// `taskctl ARGS...` through `node`, with its stdout and stderr; panics if it fails.
+    fn taskctl_both(&self, node: &NodeProcess, args: &[&str]) -> (String, String) {
+        let binary = example_binary("taskctl");
+        let output = tokio::task::block_in_place(|| {
+            Command::new("ip")
+                .args(["netns", "exec", self.host(OBS).name()])
+                .arg(&binary)
+                .args(["--node", node.address(), "--timeout-ms", "20000"])
+                .args(args)
+                .env("TASK_CENTER_SECRET", SECRET)
+                .output()
+                .expect("run taskctl")
+        });
+        let (out, err) = (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        );
+        assert!(output.status.success(), "taskctl {args:?} failed ({}): {err}", output.status);
+        (out, err)
+    }
+
+    /// `vip`'s entry in `taskctl --json vip list` (through `node`): its holders and state.
+    fn vip_state(&self, node: &NodeProcess, vip: &str) -> (Vec<String>, String, Vec<String>) {
+        let out = self.taskctl(node, &["--json", "vip", "list"]).unwrap_or_else(|e| panic!("{e}"));
+        let list: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("vip list --json: {e}: {out}"));
+        let entry = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|service| service["addresses"].as_array().cloned().unwrap_or_default())
+            .find(|a| a["address"] == vip)
+            .unwrap_or_else(|| panic!("{vip} is not listed: {out}"));
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+        };
+        (strings(&entry["holders"]), entry["state"].as_str().unwrap_or_default().to_string(), strings(&entry["notes"]))
+    }
+
+    /// Polls `vip list` until `vip`'s state is `state`.
+    async fn await_vip_state(&self, node: &NodeProcess, vip: &str, state: &str, limit: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let (holders, seen, notes) = self.vip_state(node, vip);
+            if seen == state {
+                return notes;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{vip}: state {seen:?} (holders {holders:?}), not {state:?}, after {limit:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// `taskctl vip set SERVICE ADDRESSES...` through `node`.
     fn set_vip(&self, node: &NodeProcess, service: &str, addresses: &[&str]) {
         let mut args = vec!["vip", "set", service];
@@ -490,4 +544,173 @@ async fn a_node_restarted_without_zookeeper_removes_the_vips_it_cached() {
     if let Err(error) = outcome {
         panic!("the restarted node, cut off from ZooKeeper, kept the VIP: {error}");
     }
+}
+
+/// An orphan: the leader's daemon SIGKILLed while its host stays up, so its kernel keeps
+/// answering for the VIPs. The new leader's probes find the other MAC: a conflict, logged and
+/// shown by `vip list`, announced every conflict interval, so the observer's IPv4 and IPv6
+/// entries follow the new leader within 2 s, and again within 2 s after the observer asked
+/// afresh (both hosts answer it). Removing the orphan clears the conflict, which is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_vip_is_a_conflict_and_the_neighbours_stay_with_the_new_leader() {
+    let site = Site::new("vipor");
+    let (n1_ns, n2_ns, obs) = (site.host(N1), site.host(N2), site.host(OBS));
+    let (n1_mac, n2_mac) = (n1_ns.mac("eth0"), n2_ns.mac("eth0"));
+    const CONVERGE: Duration = Duration::from_secs(2);
+    let config = |i, id| NodeConfig { vip_conflict_interval_ms: Some(500), ..site.node_config(i, id) };
+    let mut n1 = NodeProcess::start(&config(N1, "n1")).await;
+    n1.wait_stderr(0, &["won the election"], WAIT).await;
+    let n2 = NodeProcess::start(&config(N2, "n2")).await;
+    site.set_vip(&n1, SERVICE, &[VIP4, VIP6]);
+    await_holders(n1_ns, VIP4, &on_eth0(24), WAIT).await;
+    await_holders(n1_ns, VIP6, &on_eth0(64), WAIT).await;
+    learn(obs, VIP4, &n1_mac);
+    learn(obs, VIP6, &n1_mac);
+
+    let n2_mark = n2.stderr_mark();
+    n1.kill_9();
+    let won = logged_at(&n2.wait_stderr(n2_mark, &["won the election"], WAIT).await);
+    let neighbour4 = await_neighbour(obs, VIP4, &n2_mac, CONVERGE + SLACK);
+    let neighbour6 = await_neighbour(obs, VIP6, &n2_mac, CONVERGE + SLACK);
+    assert_eq!(holders(n1_ns, VIP4), on_eth0(24), "the killed daemon's kernel still holds the VIP: an orphan");
+    for vip in [VIP4, VIP6] {
+        let line = n2.wait_stderr(n2_mark, &["VIP conflict: another host answers", vip], WAIT).await;
+        assert!(line.contains(&n1_mac), "the conflict names the orphan's MAC: {line}");
+        let notes = site.await_vip_state(&n2, vip, "conflict", WAIT).await;
+        assert!(notes.iter().any(|n| n.contains(&n1_mac)), "vip list names the orphan's MAC: {notes:?}");
+    }
+    // The observer asks afresh: both kernels answer, and whoever answered last, the conflict
+    // announcements bring it back to the new leader.
+    let asked = SystemTime::now();
+    for vip in [VIP4, VIP6] {
+        obs.ip(&["neigh", "flush", "to", vip, "dev", "eth0"]);
+        tokio::task::block_in_place(|| obs.send_datagram(vip.parse().unwrap()));
+    }
+    let again4 = await_neighbour(obs, VIP4, &n2_mac, CONVERGE);
+    let again6 = await_neighbour(obs, VIP6, &n2_mac, CONVERGE);
+    println!(
+        "orphan: n2 leads -> observer at n2: IPv4 {} ms, IPv6 {} ms; observer asked afresh -> at n2: IPv4 {} ms, IPv6 {} ms",
+        ms(won, neighbour4),
+        ms(won, neighbour6),
+        ms(asked, again4),
+        ms(asked, again6)
+    );
+    assert!(ms(won, neighbour4) <= CONVERGE.as_millis() as i64 && ms(won, neighbour6) <= CONVERGE.as_millis() as i64);
+
+    // The operator removes the orphan: the conflict clears, and says so.
+    let cleared_mark = n2.stderr_mark();
+    n1_ns.ip(&["addr", "del", &format!("{VIP4}/24"), "dev", "eth0"]);
+    n1_ns.ip(&["addr", "del", &format!("{VIP6}/64"), "dev", "eth0"]);
+    for vip in [VIP4, VIP6] {
+        n2.wait_stderr(cleared_mark, &["VIP conflict cleared", vip], WAIT).await;
+        site.await_vip_state(&n2, vip, "placed", WAIT).await;
+    }
+}
+
+/// A VIP no node can place never moves leadership, the others stay put, and `vip set` warns.
+/// Once another node gets a route for it, the leader hands over (that node covers more), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplaceable_vip_never_moves_leadership_until_a_node_can_place_it() {
+    let site = Site::new("vipun");
+    let (n1_ns, n2_ns) = (site.host(N1), site.host(N2));
+    let n1 = site.start_node(N1, "n1").await;
+    n1.wait_stderr(0, &["won the election"], WAIT).await;
+    let n2 = site.start_node(N2, "n2").await;
+    site.set_vip(&n1, SERVICE, &[VIP4]);
+    await_holders(n1_ns, VIP4, &on_eth0(24), WAIT).await;
+
+    let (n1_mark, n2_mark) = (n1.stderr_mark(), n2.stderr_mark());
+    let (_, warning) = site.taskctl_both(&n2, &["vip", "set", "edge", EDGE_VIP]);
+    assert!(
+        warning.contains("warning: no live node has a route that covers") && warning.contains(EDGE_VIP),
+        "{warning}"
+    );
+    n1.wait_stderr(n1_mark, &["no route covers VIP", EDGE_VIP], WAIT).await;
+    assert_eq!(site.vip_state(&n1, EDGE_VIP).1, "no-route");
+    // Many checks later: nobody resigned or won, the placeable VIP never left n1.
+    let watch_until = Instant::now() + 10 * CHECK_INTERVAL;
+    while Instant::now() < watch_until {
+        assert_eq!(holders(n1_ns, VIP4), on_eth0(24), "the placeable VIP stays on the leader");
+        tokio::time::sleep(POLL).await;
+    }
+    let moves = |lines: Vec<String>, needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(moves(n1.stderr_since(n1_mark), "resigning leadership"), 0);
+    assert_eq!(moves(n2.stderr_since(n2_mark), "won the election"), 0);
+    assert_eq!(
+        moves(n1.stderr_since(n1_mark), "no route covers VIP"),
+        1,
+        "the unroutable VIP is logged once, not at every check"
+    );
+
+    // n2 gets a route for it: it covers both VIPs, n1 one, so n1 hands over, once.
+    n2_ns.add_veth("x0", "x0p");
+    n2_ns.ip(&["addr", "add", "203.0.113.1/24", "dev", "x0"]);
+    n2.wait_stderr(n2_mark, &["won the election"], WAIT).await;
+    await_holders(n2_ns, EDGE_VIP, &[("x0".to_string(), 24)], WAIT).await;
+    await_holders(n2_ns, VIP4, &on_eth0(24), WAIT).await;
+    await_holders(n1_ns, VIP4, &[], WAIT).await;
+    tokio::time::sleep(4 * CHECK_INTERVAL).await;
+    assert_eq!(moves(n2.stderr_since(n2_mark), "resigning leadership"), 0, "no hand-over back");
+    assert_eq!(site.vip_state(&n1, EDGE_VIP), (vec!["n2".to_string()], "placed".to_string(), vec![]));
+}
+
+/// A VIP that only a route through a gateway (here the default route) covers is held as a host
+/// address (`/32`, `/128`), never as the route's `/0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_covered_only_by_the_default_route_is_a_host_address() {
+    let site = Site::new("vipdf");
+    let n1_ns = site.host(N1);
+    n1_ns.ip(&["route", "add", "default", "via", "198.51.100.1", "dev", "eth0"]);
+    n1_ns.ip(&["-6", "route", "add", "default", "via", "2001:db8::1", "dev", "eth0"]);
+    let n1 = site.start_node(N1, "n1").await;
+    n1.wait_stderr(0, &["won the election"], WAIT).await;
+    let (far4, far6) = ("203.0.113.50", "2001:db8:ff::50");
+    site.set_vip(&n1, "far", &[far4, far6, VIP4]);
+    await_holders(n1_ns, far4, &on_eth0(32), WAIT).await;
+    await_holders(n1_ns, far6, &on_eth0(128), WAIT).await;
+    await_holders(n1_ns, VIP4, &on_eth0(24), WAIT).await;
+}
+
+/// The announcements on the wire, as keepalived sends them: a burst at takeover, a second burst
+/// one interval later, then the refresh, one frame at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_come_in_bursts_then_as_a_refresh() {
+    let site = Site::new("vipan");
+    let (n1_ns, obs) = (site.host(N1), site.host(OBS));
+    let n1_mac = n1_ns.mac("eth0");
+    let (burst, interval, refresh) = (4u32, Duration::from_millis(1_000), Duration::from_millis(1_500));
+    let config = NodeConfig {
+        arp_burst: Some(burst),
+        arp_rounds: Some(2),
+        arp_interval_ms: Some(interval.as_millis() as u64),
+        arp_refresh_ms: Some(refresh.as_millis() as u64),
+        ..site.node_config(N1, "n1")
+    };
+    let n1 = NodeProcess::start(&config).await;
+    n1.wait_stderr(0, &["won the election"], WAIT).await;
+    let mut capture = obs.capture_announcements("eth0");
+    let set = SystemTime::now();
+    site.set_vip(&n1, SERVICE, &[VIP4]);
+    let vip: IpAddr = VIP4.parse().unwrap();
+    let mine = |a: &common::netns::Announcement| a.address == vip && a.mac == n1_mac;
+    // Until the second refresh: a frame of ours late enough to be it.
+    let second_refresh = set + interval + 2 * refresh - Duration::from_millis(400);
+    let last = capture.wait(interval + 2 * refresh + 2 * SLACK, |a| mine(a) && a.at >= second_refresh).await;
+    assert!(last.is_some(), "no second refresh; seen: {:#?}", capture.seen());
+    let frames: Vec<SystemTime> = capture.seen().into_iter().filter(mine).map(|a| a.at).collect();
+    // Frames less than 200 ms apart belong to one burst.
+    let mut groups: Vec<(SystemTime, usize)> = Vec::new();
+    for at in &frames {
+        match groups.last_mut() {
+            Some((start, n)) if ms(*start, *at) < 200 => *n += 1,
+            _ => groups.push((*at, 1)),
+        }
+    }
+    let sizes: Vec<usize> = groups.iter().map(|g| g.1).collect();
+    let gaps: Vec<i64> = groups.windows(2).map(|w| ms(w[0].0, w[1].0)).collect();
+    println!("announcements of {VIP4}: groups {sizes:?}, gaps {gaps:?} ms");
+    assert!(sizes.len() >= 4, "two bursts and two refreshes: {sizes:?}");
+    assert_eq!(&sizes[..4], &[burst as usize, burst as usize, 1, 1], "burst, burst, refresh, refresh");
+    let near = |gap: i64, want: Duration| (gap - want.as_millis() as i64).abs() < 500;
+    assert!(near(gaps[0], interval) && near(gaps[1], refresh) && near(gaps[2], refresh), "gaps {gaps:?}");
 }

@@ -166,7 +166,6 @@ impl Dispatcher {
     fn leader(&self) -> Option<Leader> {
         let lead = self.lead.as_ref().filter(|l| l.ready)?;
         Some(Leader {
-            node: self.config.node.clone(),
             store: self.config.store.clone(),
             fence: lead.fence.clone(),
             mirror: self.config.mirror.clone(),

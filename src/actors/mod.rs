@@ -16,6 +16,7 @@
 //!
 //! This module decides; it writes to ZooKeeper only through [`crate::store`].
 
+pub mod arp;
 pub mod controller;
 pub mod dispatcher;
 pub mod election;
@@ -24,6 +25,7 @@ pub mod runner;
 pub mod targets;
 pub mod vip;
 
+pub use arp::ArpSyncer;
 pub use controller::TaskController;
 pub use dispatcher::{Dispatcher, LeaderStatus};
 pub use election::{current_leader, LeaderInfo, Leadership};

@@ -16,14 +16,13 @@ use crate::api::{
     ApiError, ClientReply, ClientRequest, ListFilter, PeerReply, PeerRequest, RunnerLoad, VipStatus, MAX_LIST_LIMIT,
 };
 use crate::cache::TaskMirror;
-use crate::model::{Change, DesiredState, NodeId, RunWindow, RunnerInfo, Task, TaskId, TaskState};
+use crate::model::{Change, DesiredState, RunWindow, RunnerInfo, Task, TaskId, TaskState};
 use crate::store::{Fence, TaskStore};
 use crate::transport::Transport;
 
 /// What the leader serves requests with; a snapshot taken per request.
 #[derive(Clone)]
 pub(crate) struct Leader {
-    pub node: NodeId,
     pub store: TaskStore,
     pub fence: Fence,
     pub mirror: Arc<TaskMirror>,
@@ -65,12 +64,23 @@ impl Leader {
         }
     }
 
-    /// Every service's VIPs, held by this node (the leader).
+    /// Every service's VIPs with where they really are, from the nodes' VIP reports.
     async fn list_vips(&self) -> Result<ClientReply, ApiError> {
         let mut configs = self.store.vips().await?;
         configs.sort_by(|a, b| a.service.cmp(&b.service));
-        let holder = Some(self.node.clone());
-        Ok(ClientReply::Vips(configs.into_iter().map(|config| VipStatus { config, holder: holder.clone() }).collect()))
+        let nodes = self.store.vip_statuses().await?;
+        let statuses = configs
+            .into_iter()
+            .map(|config| {
+                let addresses = crate::model::vip_address_states(&config, &nodes);
+                let holder = match addresses.first().map(|a| &a.holders[..]) {
+                    Some([one]) if addresses.iter().all(|a| a.holders[..] == [one.clone()]) => Some(one.clone()),
+                    _ => None,
+                };
+                VipStatus { config, holder, addresses }
+            })
+            .collect();
+        Ok(ClientReply::Vips(statuses))
     }
 
     async fn list(&self, filter: ListFilter) -> Result<ClientReply, ApiError> {

@@ -1,54 +1,69 @@
-//! The VIP server and the ARP syncer (ZBS-13104): the cluster's virtual IPs live on the leader's
-//! node only, and every leader change is announced on the wire, several times.
+//! The VIP server (ZBS-13104): the cluster's virtual IPs live on the leader's node only, and every
+//! leader change is announced on the wire by the [ARP syncer](super::arp).
 //!
 //! **VipServer**, on every node. It follows the VIP configuration in ZooKeeper (`/vips`) and keeps
-//! the last one it saw in the LMDB cache.
-//! - At start-up, before leadership is known, and whenever this node is not the leader, it
+//! the last one it saw in the LMDB cache. Every netlink change of the node goes through its one
+//! serialized **pass**; a pass reads the wanted state when it runs (not when it was asked for),
+//! so a pass that started with an older configuration can never re-add a VIP a later
+//! configuration dropped.
+//! - At start-up, before leadership is known, and whenever this node is not the leader, a pass
 //!   removes every configured VIP from the local interfaces.
 //! - On becoming leader it places each VIP on the interface of the longest-prefix route that
 //!   covers it ([`crate::net::plan`]): in place, nothing to do; on a wrong interface, moved;
-//!   missing, added and announced. It re-checks every `check_interval` (an address removed by
-//!   hand comes back) and on every configuration change.
+//!   missing, added, and the ARP syncer announces it. It re-checks every `check_interval` (an
+//!   address removed by hand comes back) and on every configuration change. A VIP dropped from
+//!   the configuration is removed by the next pass.
 //! - On losing leadership, or when the session is suspended and leadership cannot be confirmed
 //!   (the election tells it `Lost` at once), it removes the VIPs **from the configuration it
 //!   last saw**, without waiting for ZooKeeper.
-//! - A VIP that no route covers is an error: logged, shown in [`VipReport`], and, if another
-//!   candidate exists, this node resigns leadership for a while so that another node can try
-//!   (the original exited the process; we don't).
+//! - Each node publishes a report (`/vip-status/<node>`, ephemeral): its route prefixes, the
+//!   VIPs its interfaces actually hold, conflicts and errors. `vip list` is built from these.
+//! - A VIP that no route covers is an error: logged and reported. It never holds back the VIPs
+//!   that can be placed. The leader hands leadership over only when another live node's routes
+//!   cover more of the configured VIPs than its own, and never more often than a capped backoff
+//!   allows (30 s doubling to 10 min between hand-overs), so one unroutable VIP cannot make
+//!   leadership rotate.
 //! - Without `CAP_NET_ADMIN` it says once, clearly, that VIPs are disabled and why; tasks run on.
-//!
-//! **ArpSyncer**, on every node, active on the leader: each time the node becomes leader, `rounds`
-//! rounds `interval` apart; each round asks the VIP server to make sure every VIP is configured
-//! (re-adding a missing one) and sends one gratuitous ARP per IPv4 VIP and one unsolicited
-//! neighbour advertisement per IPv6 VIP. An optional refresh keeps announcing afterwards (some
-//! routers cache ARP for hours). It stops at once when leadership is lost.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use super::arp::{format_mac, ArpSyncer, Ensure, Placed, Placement, Synced};
 use super::election::{Leadership, Resign};
 use crate::cache::TaskMirror;
 use crate::coord::{Coordination, EventKind};
 use crate::exec::StopToken;
-use crate::model::{NodeId, VipConfig};
+use crate::model::{NodeId, VipConfig, VipNodeStatus};
 use crate::net::{self, NetError, Netlink};
+use crate::retry::Backoff;
 use crate::store::{layout, TaskStore};
 
 /// Default period of the leader's VIP re-check.
 pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 3_000;
-/// Default number of announcement rounds after a leader change.
-pub const DEFAULT_ARP_ROUNDS: u32 = 6;
-/// Default pause between announcement rounds.
-pub const DEFAULT_ARP_INTERVAL_MS: u64 = 10_000;
-/// How long a leader that cannot place a VIP stays out of the election.
+/// Default frames per announcement burst (keepalived's `garp_master_repeat`).
+pub const DEFAULT_ARP_BURST: u32 = 5;
+/// Default number of bursts after a leader change or a new VIP.
+pub const DEFAULT_ARP_ROUNDS: u32 = 2;
+/// Default pause between bursts (keepalived's `garp_master_delay`).
+pub const DEFAULT_ARP_INTERVAL_MS: u64 = 5_000;
+/// Default period of the announcements after the bursts.
+pub const DEFAULT_ARP_REFRESH_MS: u64 = 60_000;
+/// Default period of the announcements of a VIP in conflict.
+pub const DEFAULT_CONFLICT_INTERVAL_MS: u64 = 1_000;
+/// Default time a probe listens for another host answering for a VIP.
+pub const DEFAULT_PROBE_WINDOW_MS: u64 = 200;
+/// How long a leader that hands leadership over stays out of the election.
 const RESIGN_PAUSE: Duration = Duration::from_secs(10);
+/// Least time between two hand-overs of one node, doubling per hand-over up to the cap.
+const HANDOVER: Backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(600));
+/// A node that has not handed over for this long starts its backoff again.
+const HANDOVER_RESET: Duration = Duration::from_secs(1_800);
 
 /// VIP settings of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,12 +72,18 @@ pub struct VipSettings {
     pub enabled: bool,
     /// Period of the leader's re-check.
     pub check_interval: Duration,
-    /// Announcement rounds after each leader change.
+    /// Frames per burst. Default 5.
+    pub arp_burst: u32,
+    /// Bursts after each leader change and each VIP placed while leading. Default 2.
     pub arp_rounds: u32,
-    /// Pause between rounds.
+    /// Pause between bursts. Default 5 s.
     pub arp_interval: Duration,
-    /// After the rounds, keep announcing at this period (`None`: stop).
+    /// After the bursts, one announcement at this period (`None`: stop). Default 60 s.
     pub arp_refresh: Option<Duration>,
+    /// While another host answers for a VIP, one announcement at this period. Default 1 s.
+    pub conflict_interval: Duration,
+    /// How long each probe listens for another host answering for a VIP. Default 200 ms.
+    pub probe_window: Duration,
 }
 
 impl Default for VipSettings {
@@ -70,9 +91,12 @@ impl Default for VipSettings {
         VipSettings {
             enabled: true,
             check_interval: Duration::from_millis(DEFAULT_CHECK_INTERVAL_MS),
+            arp_burst: DEFAULT_ARP_BURST,
             arp_rounds: DEFAULT_ARP_ROUNDS,
             arp_interval: Duration::from_millis(DEFAULT_ARP_INTERVAL_MS),
-            arp_refresh: None,
+            arp_refresh: Some(Duration::from_millis(DEFAULT_ARP_REFRESH_MS)),
+            conflict_interval: Duration::from_millis(DEFAULT_CONFLICT_INTERVAL_MS),
+            probe_window: Duration::from_millis(DEFAULT_PROBE_WINDOW_MS),
         }
     }
 }
@@ -84,31 +108,21 @@ pub struct VipReport {
     pub disabled: Option<String>,
     /// Whether this node holds the VIPs (it leads).
     pub leading: bool,
-    /// The VIPs placed on this node's interfaces, by the last check.
+    /// The configured VIPs this node's interfaces hold, by the last pass.
     pub held: Vec<IpAddr>,
-    /// VIPs that could not be placed, with why.
+    /// VIPs that could not be placed, with why, and failed netlink calls.
     pub errors: Vec<String>,
-    /// Announcements sent since the last leader change.
+    /// VIPs another host answers for, with the hardware addresses that answered.
+    pub conflicts: BTreeMap<IpAddr, Vec<String>>,
+    /// Announcement frames sent since the last leader change.
     pub announced: u64,
     /// When the first announcement after the last leader change went out.
     pub first_announcement: Option<Instant>,
 }
 
-/// Make sure every VIP is in place now; answers the placements to announce.
-#[derive(Message)]
-#[rtype(result = "Vec<(IpAddr, String, [u8; 6])>")]
-struct Ensure;
-
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Configured(Vec<VipConfig>);
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Announced {
-    term: u64,
-    count: u64,
-}
 
 /// What the VIP server needs.
 pub(crate) struct VipServerConfig {
@@ -120,34 +134,101 @@ pub(crate) struct VipServerConfig {
     pub report: watch::Sender<VipReport>,
 }
 
+/// What the passes must bring about, read by each pass when it runs.
+#[derive(Debug, Default)]
+struct Wanted {
+    /// The configured VIPs.
+    vips: Vec<IpAddr>,
+    /// VIPs dropped from the configuration and not yet removed from the interfaces.
+    dropped: BTreeSet<IpAddr>,
+    /// Whether this node leads.
+    leading: bool,
+}
+
+/// The hand-overs of this node, for their backoff.
+#[derive(Debug, Default)]
+struct Handovers {
+    count: u32,
+    last: Option<Instant>,
+}
+
+impl Handovers {
+    /// Whether a hand-over is allowed at `now`; if so, counts it.
+    fn allow(&mut self, now: Instant) -> bool {
+        if self.last.is_some_and(|last| now.duration_since(last) > HANDOVER_RESET) {
+            self.count = 0;
+        }
+        if let Some(last) = self.last {
+            if now < last + HANDOVER.delay(self.count) {
+                return false;
+            }
+        }
+        self.count += 1;
+        self.last = Some(now);
+        true
+    }
+}
+
+/// The parts a pass runs with (cloned into its task).
+#[derive(Clone)]
+struct PassContext {
+    node: NodeId,
+    netlink: Netlink,
+    wanted: Arc<Mutex<Wanted>>,
+    passes: Arc<tokio::sync::Mutex<()>>,
+    report: watch::Sender<VipReport>,
+    status: watch::Sender<Option<VipNodeStatus>>,
+    store: TaskStore,
+    resign: Resign,
+    handovers: Arc<Mutex<Handovers>>,
+    syncer: Recipient<Placed>,
+    /// Unroutable VIPs already logged, so that each is logged once until it changes.
+    logged: Arc<Mutex<BTreeSet<IpAddr>>>,
+}
+
 /// The VIP server actor. See the module docs.
 pub struct VipServer {
     config: VipServerConfig,
     netlink: Option<Netlink>,
     vips: Vec<VipConfig>,
     leading: bool,
-    /// `leading`, for passes in flight: a pass decides by the role at the time it runs, not at
-    /// the time it was started.
-    leading_now: Arc<AtomicBool>,
-    /// One netlink pass at a time, so a leading pass cannot add a VIP after a follower's pass
-    /// removed it.
+    wanted: Arc<Mutex<Wanted>>,
+    /// One netlink pass at a time.
     passes: Arc<tokio::sync::Mutex<()>>,
-    term: u64,
-    syncer: Option<StopToken>,
+    handovers: Arc<Mutex<Handovers>>,
+    logged: Arc<Mutex<BTreeSet<IpAddr>>>,
+    syncer: Recipient<Placed>,
+    /// This node's report, as the publisher should write it.
+    status: watch::Sender<Option<VipNodeStatus>>,
     stop: StopToken,
 }
 
 impl VipServer {
-    pub(crate) fn new(config: VipServerConfig) -> Self {
+    /// Starts the VIP server and its ARP syncer; the election must tell both of leadership.
+    pub(crate) fn start_pair(config: VipServerConfig) -> (Addr<VipServer>, Addr<ArpSyncer>) {
+        let settings = config.settings.clone();
+        let mut syncer_addr = None;
+        let server = VipServer::create(|ctx| {
+            let me = ctx.address();
+            let syncer = ArpSyncer::new(settings, me.clone().recipient(), me.recipient()).start();
+            syncer_addr = Some(syncer.clone());
+            VipServer::new(config, syncer.recipient())
+        });
+        (server, syncer_addr.expect("the syncer was started"))
+    }
+
+    fn new(config: VipServerConfig, syncer: Recipient<Placed>) -> Self {
         VipServer {
             config,
             netlink: None,
             vips: Vec::new(),
             leading: false,
-            leading_now: Arc::new(AtomicBool::new(false)),
-            passes: Arc::new(tokio::sync::Mutex::new(())),
-            term: 0,
-            syncer: None,
+            wanted: Arc::default(),
+            passes: Arc::default(),
+            handovers: Arc::default(),
+            logged: Arc::default(),
+            syncer,
+            status: watch::Sender::new(None),
             stop: StopToken::new(),
         }
     }
@@ -163,127 +244,202 @@ impl VipServer {
             error!(node = %self.config.node, reason = %why, "VIPs disabled on this node; tasks run on");
         }
         self.netlink = None;
-        self.config.report.send_modify(|r| r.disabled = Some(why));
+        self.config.report.send_modify(|r| r.disabled = Some(why.clone()));
+        self.status.send_modify(|s| {
+            let status = s.get_or_insert_with(VipNodeStatus::default);
+            status.disabled = Some(why);
+            status.holds.clear();
+        });
     }
 
-    /// Puts the node's interfaces in line with its role: the VIPs if leading, none otherwise.
+    fn pass_context(&self) -> Option<PassContext> {
+        Some(PassContext {
+            node: self.config.node.clone(),
+            netlink: self.netlink.clone()?,
+            wanted: self.wanted.clone(),
+            passes: self.passes.clone(),
+            report: self.config.report.clone(),
+            status: self.status.clone(),
+            store: self.config.store.clone(),
+            resign: self.config.resign.clone(),
+            handovers: self.handovers.clone(),
+            syncer: self.syncer.clone(),
+            logged: self.logged.clone(),
+        })
+    }
+
+    /// Runs a pass in the background (see [`pass`]).
     fn reconcile(&mut self, ctx: &mut Context<Self>) {
-        let Some(netlink) = self.netlink.clone() else { return };
-        let (vips, leading_now, passes, addr) =
-            (self.addresses(), self.leading_now.clone(), self.passes.clone(), ctx.address());
-        let (report, resign, coord, node) = (
-            self.config.report.clone(),
-            self.config.resign.clone(),
-            self.config.store.coordination().clone(),
-            self.config.node.clone(),
-        );
-        let done = async move {
-            let _pass = passes.lock().await;
-            if !leading_now.load(Ordering::SeqCst) {
-                return match net::remove_vips(&netlink, &vips).await {
-                    Ok(removed) => {
-                        if removed > 0 {
-                            info!(%node, removed, "removed VIPs: this node does not lead");
-                        }
-                        report.send_modify(|r| r.held.clear());
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                };
-            }
-            let plan = netlink.plan(&vips).await?;
-            let added = net::apply(&netlink, &plan).await?;
-            let errors: Vec<String> =
-                plan.unroutable().iter().map(|ip| format!("no route covers VIP {ip} on this node")).collect();
-            let held: Vec<IpAddr> = plan.placements().map(|(ip, _)| ip).collect();
-            if !added.is_empty() {
-                info!(%node, ?added, "VIPs placed");
-                let placements = placements(&netlink, &plan).await;
-                for (ip, interface, mac) in placements.into_iter().filter(|(ip, _, _)| added.contains(ip)) {
-                    if let Err(e) = net::announce(&interface, ip, mac).await {
-                        warn!(%ip, %interface, error = %e, "cannot announce a VIP");
-                    }
-                }
-            }
-            if !errors.is_empty() {
-                for e in &errors {
-                    error!(%node, "{e}");
-                }
-                let others = coord.children(layout::ELECTION).await.map(|c| c.len() > 1).unwrap_or(false);
-                if others {
-                    warn!(%node, "giving up leadership so that another node can place the VIPs");
-                    resign.resign(RESIGN_PAUSE);
-                }
-            }
-            report.send_modify(|r| {
-                r.held = held;
-                r.errors = errors;
-            });
-            Ok(())
-        };
+        let Some(pass_context) = self.pass_context() else { return };
+        let addr = ctx.address();
         actix::spawn(async move {
-            if let Err(e) = done.await {
+            if let Err(e) = pass(&pass_context, false).await {
                 let _ = addr.send(NetFailed(e)).await;
             }
         });
     }
-
-    fn start_syncer(&mut self, ctx: &mut Context<Self>) {
-        if let Some(old) = self.syncer.take() {
-            old.cancel();
-        }
-        let stop = StopToken::new();
-        self.syncer = Some(stop.clone());
-        self.config.report.send_modify(|r| {
-            r.announced = 0;
-            r.first_announcement = None;
-        });
-        let (settings, addr, term) = (self.config.settings.clone(), ctx.address(), self.term);
-        actix::spawn(async move {
-            tokio::select! {
-                _ = sync_arp(settings, addr, term) => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
 }
 
-/// The interface name and MAC of each placed VIP.
-async fn placements(netlink: &Netlink, plan: &net::VipPlan) -> Vec<(IpAddr, String, [u8; 6])> {
-    let mut out = Vec::new();
-    for (ip, interface) in plan.placements() {
-        match netlink.interface_mac(interface.index).await {
-            Ok(mac) => out.push((ip, interface.name.clone(), mac)),
-            Err(e) => warn!(%ip, interface = %interface.name, error = %e, "no MAC for the VIP's interface"),
+/// One serialized pass: puts the node's interfaces in line with what is wanted **now** (the VIPs
+/// if leading, none otherwise, and never a dropped VIP), then reports. With `ensure`, answers
+/// where each VIP is held (for the ARP syncer's round).
+async fn pass(cx: &PassContext, ensure: bool) -> Result<Vec<Placement>, NetError> {
+    let _pass = cx.passes.lock().await;
+    let (vips, dropped, leading) = {
+        let wanted = cx.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        (wanted.vips.clone(), wanted.dropped.iter().copied().collect::<Vec<_>>(), wanted.leading)
+    };
+    let node = &cx.node;
+    if !dropped.is_empty() {
+        let removed = net::remove_vips(&cx.netlink, &dropped).await?;
+        if removed > 0 {
+            info!(%node, ?dropped, "removed VIPs dropped from the configuration");
+        }
+        let mut wanted = cx.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        for vip in &dropped {
+            wanted.dropped.remove(vip);
         }
     }
-    out
+    let table = cx.netlink.routing_table().await?;
+    let routes = table.prefixes();
+    if !leading {
+        let removed = net::remove_vips(&cx.netlink, &vips).await?;
+        if removed > 0 {
+            info!(%node, removed, "removed VIPs: this node does not lead");
+        }
+        let holds = held(&cx.netlink, &vips).await?;
+        cx.report.send_modify(|r| {
+            r.held = holds.clone();
+            r.errors.clear();
+            r.conflicts.clear();
+        });
+        publish(cx, false, routes, holds, Vec::new());
+        cx.logged.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        return Ok(Vec::new());
+    }
+    let current = cx.netlink.addresses().await?;
+    let plan = net::plan(&vips, |ip| table.lookup(ip), &current);
+    let added = net::apply(&cx.netlink, &plan).await?;
+    if !added.is_empty() {
+        info!(%node, ?added, "VIPs placed");
+        super::tell(&cx.syncer, Placed(added));
+    }
+    let unroutable = plan.unroutable();
+    let errors: Vec<String> = unroutable.iter().map(|ip| format!("no route covers VIP {ip} on this node")).collect();
+    {
+        let mut logged = cx.logged.lock().unwrap_or_else(|p| p.into_inner());
+        for ip in unroutable.iter().filter(|ip| !logged.contains(ip)) {
+            error!(%node, "no route covers VIP {ip} on this node; the other VIPs are placed");
+        }
+        *logged = unroutable.iter().copied().collect();
+    }
+    let holds: Vec<IpAddr> = plan.placements().map(|(ip, _)| ip).collect();
+    cx.report.send_modify(|r| {
+        r.held = holds.clone();
+        r.errors = errors.clone();
+    });
+    publish(cx, true, routes.clone(), holds, errors);
+    if !unroutable.is_empty() {
+        hand_over_if_better(cx, &vips, &routes).await;
+    }
+    if !ensure {
+        return Ok(Vec::new());
+    }
+    let mut placements = Vec::new();
+    for (vip, interface) in plan.placements() {
+        match cx.netlink.interface_mac(interface.index).await {
+            Ok(mac) => placements.push(Placement { vip, interface: interface.name.clone(), mac }),
+            Err(e) => warn!(%vip, interface = %interface.name, error = %e, "no MAC for the VIP's interface"),
+        }
+    }
+    Ok(placements)
 }
 
-/// The announcement rounds after a leader change (the ARP syncer).
-async fn sync_arp(settings: VipSettings, server: Addr<VipServer>, term: u64) {
-    let mut round = 0;
+/// The configured VIPs this node's interfaces hold.
+async fn held(netlink: &Netlink, vips: &[IpAddr]) -> Result<Vec<IpAddr>, NetError> {
+    let addresses = netlink.addresses().await?;
+    let held: BTreeSet<IpAddr> = addresses.iter().map(|a| a.address).filter(|a| vips.contains(a)).collect();
+    Ok(held.into_iter().collect())
+}
+
+/// Updates the report the publisher writes (the conflicts are the ARP syncer's).
+fn publish(
+    cx: &PassContext,
+    leading: bool,
+    routes: Vec<crate::model::RoutePrefix>,
+    holds: Vec<IpAddr>,
+    errors: Vec<String>,
+) {
+    cx.status.send_if_modified(|status| {
+        let old = status.get_or_insert_with(VipNodeStatus::default);
+        let conflicts = if leading { old.conflicts.clone() } else { Vec::new() };
+        let new = VipNodeStatus { leading, disabled: None, routes, holds, conflicts, errors };
+        if *old == new {
+            return false;
+        }
+        *old = new;
+        true
+    });
+}
+
+/// The leader cannot place some VIPs: hands leadership over if another live node's routes cover
+/// more of them than this node's, within the hand-over backoff.
+async fn hand_over_if_better(cx: &PassContext, vips: &[IpAddr], routes: &[crate::model::RoutePrefix]) {
+    let mine = vips.iter().filter(|ip| crate::model::routes_cover(routes, **ip)).count();
+    let others = match cx.store.vip_statuses().await {
+        Ok(others) => others,
+        Err(e) => {
+            debug!(error = %e, "cannot read the other nodes' VIP reports");
+            return;
+        }
+    };
+    let better = others
+        .iter()
+        .filter(|(node, _)| *node != cx.node)
+        .map(|(node, status)| (node, vips.iter().filter(|ip| status.covers(**ip)).count()))
+        .filter(|(_, covered)| *covered > mine)
+        .max_by_key(|(_, covered)| *covered);
+    let Some((better, covered)) = better else {
+        debug!(node = %cx.node, "no other node can place more of the VIPs; keeping leadership");
+        return;
+    };
+    if !cx.handovers.lock().unwrap_or_else(|p| p.into_inner()).allow(Instant::now()) {
+        debug!(node = %cx.node, %better, "a hand-over is due but the backoff holds it back");
+        return;
+    }
+    warn!(node = %cx.node, %better, covered, mine, "giving up leadership so that a node whose routes cover more of the VIPs can place them");
+    cx.resign.resign(RESIGN_PAUSE);
+}
+
+/// Writes this node's report to `/vip-status/<node>` whenever it changes or the session is new.
+async fn publish_status(store: TaskStore, node: NodeId, mut status: watch::Receiver<Option<VipNodeStatus>>) {
+    let coord: Arc<dyn Coordination> = store.coordination().clone();
+    let mut session = coord.subscribe();
+    let mut written: Option<(u64, VipNodeStatus)> = None;
+    let mut delays = crate::retry::COORDINATION.delays();
     loop {
-        let Ok(placements) = server.send(Ensure).await else { return };
-        let mut count = 0;
-        for (ip, interface, mac) in placements {
-            match net::announce(&interface, ip, mac).await {
-                Ok(()) => count += 1,
-                Err(e) => warn!(%ip, %interface, error = %e, "announcement failed"),
+        let current = status.borrow_and_update().clone();
+        let generation = coord.status().generation;
+        let connected = coord.status().state == crate::coord::SessionState::Connected;
+        if let (Some(current), true) = (current, connected) {
+            if written.as_ref() != Some(&(generation, current.clone())) {
+                match store.put_vip_status(&node, &current).await {
+                    Ok(()) => {
+                        delays.reset();
+                        written = Some((generation, current));
+                    }
+                    Err(e) => {
+                        debug!(%node, error = %e, "cannot publish the VIP report; retrying");
+                        delays.wait().await;
+                        continue;
+                    }
+                }
             }
         }
-        debug!(round, count, "VIPs announced");
-        let _ = server.send(Announced { term, count }).await;
-        round += 1;
-        let pause = if round < settings.arp_rounds {
-            settings.arp_interval
-        } else {
-            match settings.arp_refresh {
-                Some(refresh) => refresh,
-                None => return,
-            }
-        };
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            changed = session.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -299,6 +455,14 @@ impl Actor for VipServer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let (store, node, status, stop) =
+            (self.config.store.clone(), self.config.node.clone(), self.status.subscribe(), self.stop.clone());
+        actix::spawn(async move {
+            tokio::select! {
+                _ = publish_status(store, node, status) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
         if !self.config.settings.enabled {
             self.disable("VIP management is turned off in the configuration".into());
             return;
@@ -334,9 +498,6 @@ impl Actor for VipServer {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.stop.cancel();
-        if let Some(syncer) = self.syncer.take() {
-            syncer.cancel();
-        }
     }
 }
 
@@ -385,18 +546,15 @@ impl Handler<Configured> for VipServer {
     fn handle(&mut self, Configured(mut vips): Configured, ctx: &mut Context<Self>) {
         vips.sort_by(|a, b| a.service.cmp(&b.service));
         if vips != self.vips {
-            // A VIP dropped from the configuration must go from the interfaces too.
             let before: BTreeSet<IpAddr> = self.addresses().into_iter().collect();
             self.vips = vips;
-            let after: BTreeSet<IpAddr> = self.addresses().into_iter().collect();
-            let dropped: Vec<IpAddr> = before.difference(&after).copied().collect();
-            if let (Some(netlink), false) = (self.netlink.clone(), dropped.is_empty()) {
-                actix::spawn(async move {
-                    if let Err(e) = net::remove_vips(&netlink, &dropped).await {
-                        warn!(error = %e, "cannot remove VIPs dropped from the configuration");
-                    }
-                });
-            }
+            let after = self.addresses();
+            let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+            // A VIP dropped from the configuration must go from the interfaces too: the next
+            // pass removes it (unless it is configured again by then).
+            wanted.dropped.extend(before.iter().filter(|ip| !after.contains(ip)));
+            wanted.dropped.retain(|ip| !after.contains(ip));
+            wanted.vips = after;
         }
         self.reconcile(ctx);
     }
@@ -411,18 +569,14 @@ impl Handler<Leadership> for VipServer {
             return;
         }
         self.leading = leading;
-        self.leading_now.store(leading, Ordering::SeqCst);
-        self.term += 1;
-        self.config.report.send_modify(|r| r.leading = leading);
-        if !leading {
-            if let Some(syncer) = self.syncer.take() {
-                syncer.cancel();
-            }
-        }
+        self.wanted.lock().unwrap_or_else(|p| p.into_inner()).leading = leading;
+        self.config.report.send_modify(|r| {
+            r.leading = leading;
+            r.announced = 0;
+            r.first_announcement = None;
+            r.conflicts.clear();
+        });
         self.reconcile(ctx);
-        if leading && self.netlink.is_some() {
-            self.start_syncer(ctx);
-        }
     }
 }
 
@@ -448,33 +602,47 @@ impl Handler<NetFailed> for VipServer {
 }
 
 impl Handler<Ensure> for VipServer {
-    type Result = ResponseFuture<Vec<(IpAddr, String, [u8; 6])>>;
+    type Result = ResponseFuture<Vec<Placement>>;
 
-    fn handle(&mut self, _: Ensure, _ctx: &mut Context<Self>) -> Self::Result {
-        let (netlink, vips, leading_now, passes) =
-            (self.netlink.clone(), self.addresses(), self.leading_now.clone(), self.passes.clone());
+    fn handle(&mut self, _: Ensure, ctx: &mut Context<Self>) -> Self::Result {
+        let (pass_context, addr) = (self.pass_context(), ctx.address());
         Box::pin(async move {
-            let _pass = passes.lock().await;
-            let Some(netlink) = netlink.filter(|_| leading_now.load(Ordering::SeqCst)) else { return Vec::new() };
-            let Ok(plan) = netlink.plan(&vips).await else { return Vec::new() };
-            if let Err(e) = net::apply(&netlink, &plan).await {
-                warn!(error = %e, "cannot re-place the VIPs before announcing them");
+            let Some(pass_context) = pass_context else { return Vec::new() };
+            match pass(&pass_context, true).await {
+                Ok(placements) => placements,
+                Err(e) => {
+                    let _ = addr.send(NetFailed(e)).await;
+                    Vec::new()
+                }
             }
-            placements(&netlink, &plan).await
         })
     }
 }
 
-impl Handler<Announced> for VipServer {
+impl Handler<Synced> for VipServer {
     type Result = ();
 
-    fn handle(&mut self, Announced { term, count }: Announced, _ctx: &mut Context<Self>) {
-        if term != self.term || count == 0 {
+    fn handle(&mut self, synced: Synced, _ctx: &mut Context<Self>) {
+        if !self.leading {
             return;
         }
+        let conflicts: BTreeMap<IpAddr, Vec<String>> =
+            synced.conflicts.iter().map(|(ip, macs)| (*ip, macs.iter().map(|m| format_mac(*m)).collect())).collect();
         self.config.report.send_modify(|r| {
-            r.announced += count;
-            r.first_announcement.get_or_insert_with(Instant::now);
+            r.announced += synced.announced;
+            if synced.announced > 0 {
+                r.first_announcement.get_or_insert_with(Instant::now);
+            }
+            r.conflicts = conflicts.clone();
+        });
+        self.status.send_if_modified(|status| {
+            let Some(status) = status.as_mut() else { return false };
+            let new: Vec<(IpAddr, Vec<String>)> = conflicts.into_iter().collect();
+            if status.conflicts == new {
+                return false;
+            }
+            status.conflicts = new;
+            true
         });
     }
 }

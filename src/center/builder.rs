@@ -319,7 +319,10 @@ impl TaskCenterBuilder {
         range("stop_timeout_ms", self.stop_timeout_ms, 10, 600_000)?;
         range("temporary_failure_limit", u64::from(self.temporary_failure_limit), 1, 1_000)?;
         range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
-        range("vips arp_rounds", u64::from(self.vips.arp_rounds), 0, 1_000)?;
+        range("vips arp_burst", u64::from(self.vips.arp_burst), 1, 100)?;
+        range("vips arp_rounds", u64::from(self.vips.arp_rounds), 1, 1_000)?;
+        range("vips conflict_interval", self.vips.conflict_interval.as_millis() as u64, 100, 3_600_000)?;
+        range("vips probe_window", self.vips.probe_window.as_millis() as u64, 10, 10_000)?;
         range("vips arp_interval", self.vips.arp_interval.as_millis() as u64, 10, 3_600_000)?;
         if let Some(refresh) = self.vips.arp_refresh {
             range("vips arp_refresh", refresh.as_millis() as u64, 100, 86_400_000)?;

@@ -425,16 +425,15 @@ async fn boot(
     let me = LeaderInfo { node: config.node.clone(), address: address.clone() };
     let (resign, resigns) = Resign::channel();
     let (vip_report_tx, vip_report) = watch::channel(VipReport::default());
-    let vip_server = VipServer::new(VipServerConfig {
+    let (vip_server, arp_syncer) = VipServer::start_pair(VipServerConfig {
         node: config.node.clone(),
         store: store.clone(),
         mirror: mirror.clone(),
         settings: config.vips.clone(),
         resign,
         report: vip_report_tx,
-    })
-    .start();
-    let recipients = vec![dispatcher.clone().recipient(), vip_server.clone().recipient()];
+    });
+    let recipients = vec![dispatcher.clone().recipient(), vip_server.clone().recipient(), arp_syncer.recipient()];
     let election = actix::spawn(campaign(coord.clone(), me, recipients, resigns, election_stop.clone()));
 
     let (stop, stopped) = oneshot::channel::<bool>();

@@ -88,6 +88,143 @@ pub fn check_vip_address(address: &IpAddr) -> Result<(), ModelError> {
     }
 }
 
+/// A route prefix a node publishes, so that any node can tell whether that node could place an
+/// address: `network/prefix_len` of its main table, and whether the route rejects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RoutePrefix {
+    /// The network address (unspecified for a default route).
+    pub network: IpAddr,
+    /// The prefix length.
+    pub prefix_len: u8,
+    /// An `unreachable`, `blackhole`, `prohibit` or `throw` route: it covers nothing.
+    pub reject: bool,
+}
+
+impl RoutePrefix {
+    /// Whether this prefix contains `ip` (same family, same leading bits).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32u8, 4),
+            IpAddr::V6(v6) => (u128::from(v6), 128u8, 6),
+        };
+        let ((net, max, family), (addr, _, other)) = (bits(self.network), bits(ip));
+        if family != other || self.prefix_len > max {
+            return false;
+        }
+        self.prefix_len == 0 || (net ^ addr) >> (128 - u32::from(self.prefix_len)) == 0
+    }
+}
+
+/// Whether the longest of `routes` that contains `ip` exists and does not reject: a node with
+/// these routes can place `ip` (the rule of the VIP server's placement).
+pub fn routes_cover(routes: &[RoutePrefix], ip: IpAddr) -> bool {
+    routes.iter().filter(|r| r.contains(ip)).max_by_key(|r| (r.prefix_len, !r.reject)).is_some_and(|r| !r.reject)
+}
+
+/// What a node's VIP server reports about itself (ephemeral, gone with its session), for
+/// `vip list` and for the leader's decision to hand over a VIP it cannot place.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipNodeStatus {
+    /// Whether this node leads (and should hold the VIPs).
+    pub leading: bool,
+    /// Why VIPs are not managed on this node, if they are not.
+    pub disabled: Option<String>,
+    /// Its main routing table's prefixes.
+    pub routes: Vec<RoutePrefix>,
+    /// The configured VIPs its interfaces hold now.
+    pub holds: Vec<IpAddr>,
+    /// VIPs another host answers for, with the hardware addresses that answered.
+    pub conflicts: Vec<(IpAddr, Vec<String>)>,
+    /// Current errors (a VIP without a route, a failed netlink call).
+    pub errors: Vec<String>,
+}
+
+impl VipNodeStatus {
+    /// Whether this node could place `ip`: VIPs enabled, and a route covers it.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        self.disabled.is_none() && routes_cover(&self.routes, ip)
+    }
+}
+
+/// Where one VIP stands, as `vip list` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VipState {
+    /// Held by exactly one node, and no other host answers for it.
+    Placed,
+    /// Held, but another host also answers for it (or two nodes hold it).
+    Conflict,
+    /// No live node with VIPs enabled has a route that covers it.
+    NoRoute,
+    /// No live node manages VIPs.
+    Disabled,
+    /// Held by no node yet (no leader, or it is being placed).
+    Unplaced,
+}
+
+impl std::fmt::Display for VipState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VipState::Placed => "placed",
+            VipState::Conflict => "conflict",
+            VipState::NoRoute => "no-route",
+            VipState::Disabled => "disabled",
+            VipState::Unplaced => "unplaced",
+        })
+    }
+}
+
+/// One VIP's holders and state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipAddressStatus {
+    /// The VIP.
+    pub address: IpAddr,
+    /// The nodes whose interfaces hold it (one when all is well).
+    pub holders: Vec<NodeId>,
+    /// Where it stands.
+    pub state: VipState,
+    /// Other hardware addresses that answer for it, and errors about it.
+    pub notes: Vec<String>,
+}
+
+/// Where each address of `config` stands, from the live nodes' reports. Pure.
+pub fn vip_address_states(config: &VipConfig, nodes: &[(NodeId, VipNodeStatus)]) -> Vec<VipAddressStatus> {
+    config
+        .addresses
+        .iter()
+        .map(|&address| {
+            let holders: Vec<NodeId> =
+                nodes.iter().filter(|(_, s)| s.holds.contains(&address)).map(|(n, _)| n.clone()).collect();
+            let mut notes: Vec<String> = nodes
+                .iter()
+                .flat_map(|(node, s)| {
+                    let conflicts = s.conflicts.iter().filter(|(ip, _)| *ip == address);
+                    conflicts.map(move |(_, macs)| format!("{node} sees another host answer: {}", macs.join(", ")))
+                })
+                .collect();
+            let text = address.to_string();
+            notes.extend(nodes.iter().flat_map(|(node, s)| {
+                s.errors.iter().filter(|e| e.contains(&text)).map(move |e| format!("{node}: {e}"))
+            }));
+            let managed = nodes.iter().any(|(_, s)| s.disabled.is_none());
+            let state = if holders.len() > 1
+                || (!holders.is_empty() && nodes.iter().any(|(_, s)| s.conflicts.iter().any(|(ip, _)| *ip == address)))
+            {
+                VipState::Conflict
+            } else if !managed {
+                VipState::Disabled
+            } else if !nodes.iter().any(|(_, s)| s.covers(address)) {
+                VipState::NoRoute
+            } else if holders.len() == 1 {
+                VipState::Placed
+            } else {
+                VipState::Unplaced
+            };
+            VipAddressStatus { address, holders, state, notes }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +247,51 @@ mod tests {
         assert!(VipConfig::new("a/b", vec!["198.51.100.1".parse().unwrap()]).is_err());
         let dup: IpAddr = "198.51.100.1".parse().unwrap();
         assert!(VipConfig::new("iscsi", vec![dup, dup]).is_err());
+    }
+
+    fn prefix(network: &str, prefix_len: u8, reject: bool) -> RoutePrefix {
+        RoutePrefix { network: network.parse().unwrap(), prefix_len, reject }
+    }
+
+    #[test]
+    fn route_cover_follows_the_longest_prefix() {
+        let routes =
+            [prefix("198.51.100.0", 24, false), prefix("198.51.100.128", 25, true), prefix("2001:db8::", 32, false)];
+        assert!(routes_cover(&routes, "198.51.100.9".parse().unwrap()));
+        assert!(!routes_cover(&routes, "198.51.100.200".parse().unwrap()), "a more specific reject route wins");
+        assert!(!routes_cover(&routes, "203.0.113.9".parse().unwrap()));
+        assert!(routes_cover(&routes, "2001:db8::9".parse().unwrap()));
+        assert!(!routes_cover(&routes, "2001:db9::9".parse().unwrap()));
+        assert!(routes_cover(&[prefix("0.0.0.0", 0, false)], "203.0.113.9".parse().unwrap()));
+        assert!(!routes_cover(&[prefix("0.0.0.0", 0, false)], "2001:db8::9".parse().unwrap()), "families do not mix");
+    }
+
+    #[test]
+    fn vip_states_come_from_what_the_nodes_hold_and_cover() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let config = VipConfig::new(
+            "iscsi",
+            vec![ip("198.51.100.200"), ip("203.0.113.9"), ip("198.51.100.201"), ip("198.51.100.202")],
+        )
+        .unwrap();
+        let lan = vec![prefix("198.51.100.0", 24, false)];
+        let a = VipNodeStatus {
+            leading: true,
+            routes: lan.clone(),
+            holds: vec![ip("198.51.100.200"), ip("198.51.100.202")],
+            conflicts: vec![(ip("198.51.100.202"), vec!["02:00:00:00:00:99".into()])],
+            ..VipNodeStatus::default()
+        };
+        let b = VipNodeStatus { routes: lan, ..VipNodeStatus::default() };
+        let nodes = [(NodeId::new("a").unwrap(), a), (NodeId::new("b").unwrap(), b)];
+        let states: Vec<VipState> = vip_address_states(&config, &nodes).iter().map(|s| s.state).collect();
+        assert_eq!(states, [VipState::Placed, VipState::NoRoute, VipState::Unplaced, VipState::Conflict]);
+        let disabled: Vec<(NodeId, VipNodeStatus)> = nodes
+            .iter()
+            .map(|(n, s)| (n.clone(), VipNodeStatus { disabled: Some("off".into()), holds: vec![], ..s.clone() }))
+            .collect();
+        assert!(vip_address_states(&config, &disabled)
+            .iter()
+            .all(|s| s.state == VipState::Disabled && s.holders.is_empty()));
     }
 }

@@ -14,7 +14,10 @@ mod state;
 mod task;
 mod window;
 
-pub use cluster::{check_service_name, check_vip_address, RunnerInfo, VipConfig, MAX_VIPS_PER_SERVICE};
+pub use cluster::{
+    check_service_name, check_vip_address, routes_cover, vip_address_states, RoutePrefix, RunnerInfo, VipAddressStatus,
+    VipConfig, VipNodeStatus, VipState, MAX_VIPS_PER_SERVICE,
+};
 pub use error::ModelError;
 pub use id::{NodeId, SnapshotId, TaskId, VolumeId, MAX_NAME_BYTES};
 pub use lease::WriterLease;

@@ -49,9 +49,150 @@ const OPTION_TARGET_LINK_LAYER_ADDRESS: u8 = 2;
 /// current runtime, so it belongs to that thread's network namespace (see the
 /// [module docs](super)). Needs `CAP_NET_RAW`: without it, [`NetError::PermissionDenied`].
 pub async fn announce(interface_name: &str, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+    announce_times(interface_name, ip, mac, 1).await
+}
+
+/// Sends `times` announcements of `ip` back to back on one packet socket (a burst, as
+/// keepalived sends at takeover); see [`announce`].
+pub async fn announce_times(interface_name: &str, ip: IpAddr, mac: [u8; 6], times: u32) -> Result<()> {
     let frame = announcement_frame(ip, mac);
     let interface = interface_name.to_owned();
-    tokio::task::spawn_blocking(move || send_frame(&interface, &frame)).await.map_err(NetError::Blocking)?
+    let send = move || {
+        let (mut sender, _) = open_channel(&interface, None)?;
+        (0..times.max(1)).try_for_each(|_| send_on(sender.as_mut(), &interface, &frame))
+    };
+    tokio::task::spawn_blocking(send).await.map_err(NetError::Blocking)?
+}
+
+/// Asks who holds `ip` on interface `interface_name` and listens for `window`: an ARP probe for
+/// IPv4 (RFC 5227: sender protocol address zero, so no neighbour learns anything from it) or a
+/// neighbour solicitation from the unspecified address for IPv6 (as duplicate address
+/// detection sends). Returns the hardware addresses other than `mac`, and other than this
+/// host's own interfaces', that answered for `ip`: an empty list means no other host claims
+/// it. Needs `CAP_NET_RAW`.
+pub async fn probe(interface_name: &str, ip: IpAddr, mac: [u8; 6], window: Duration) -> Result<Vec<[u8; 6]>> {
+    let interface = interface_name.to_owned();
+    let run = move || {
+        // Another interface of this host answers too when the kernel replies for any local
+        // address on any link (`arp_ignore` 0, the default): that is no conflict.
+        let own: Vec<[u8; 6]> = pnet_datalink::interfaces().iter().filter_map(|i| i.mac.map(|m| m.octets())).collect();
+        let (mut sender, mut receiver) = open_channel(&interface, Some(PROBE_READ_TIMEOUT))?;
+        send_on(sender.as_mut(), &interface, &probe_frame(ip, mac))?;
+        let deadline = std::time::Instant::now() + window;
+        let mut others = Vec::new();
+        while std::time::Instant::now() < deadline {
+            match receiver.next() {
+                Ok(frame) => {
+                    if let Some(answer) = claimant(frame, ip).filter(|answer| *answer != mac && !own.contains(answer)) {
+                        if !others.contains(&answer) {
+                            others.push(answer);
+                        }
+                    }
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {}
+                Err(source) => return Err(NetError::Channel { interface: interface.clone(), source }),
+            }
+        }
+        Ok(others)
+    };
+    tokio::task::spawn_blocking(run).await.map_err(NetError::Blocking)?
+}
+
+/// How long one read of a probe's socket waits, so that the window's end is noticed.
+const PROBE_READ_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The frame that asks who holds `ip`: [`arp_probe_frame`] or [`dad_solicitation_frame`].
+pub fn probe_frame(ip: IpAddr, mac: [u8; 6]) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => arp_probe_frame(v4, mac).to_vec(),
+        IpAddr::V6(v6) => dad_solicitation_frame(v6, mac).to_vec(),
+    }
+}
+
+/// An ARP probe for `ip` from `mac` (RFC 5227 section 2.1.1): a broadcast request with sender
+/// protocol address zero and target protocol address `ip`.
+pub fn arp_probe_frame(ip: Ipv4Addr, mac: [u8; 6]) -> [u8; GARP_FRAME_LEN] {
+    let mut frame = gratuitous_arp_frame(ip, mac);
+    frame[ETHERNET_HEADER_LEN + 14..ETHERNET_HEADER_LEN + 18].fill(0);
+    frame
+}
+
+/// A neighbour solicitation for `ip` from the unspecified address (RFC 4862 section 5.4.2, as
+/// duplicate address detection sends it): to `ip`'s solicited-node multicast group, hop limit
+/// 255, without a source link-layer address option. A host holding `ip` answers with an
+/// advertisement to ff02::1.
+pub fn dad_solicitation_frame(ip: Ipv6Addr, mac: [u8; 6]) -> [u8; DAD_NS_FRAME_LEN] {
+    let octets = ip.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(octets[13]),
+        u16::from_be_bytes([octets[14], octets[15]]),
+    );
+    let group_mac = [0x33, 0x33, 0xff, octets[13], octets[14], octets[15]];
+    let mut frame = [0u8; DAD_NS_FRAME_LEN];
+    write_ethernet_header(&mut frame, group_mac, mac, ETHERTYPE_IPV6);
+    let ipv6 = &mut frame[ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + IPV6_HEADER_LEN];
+    ipv6[0] = 0x60;
+    ipv6[4..6].copy_from_slice(&(NS_LEN as u16).to_be_bytes());
+    ipv6[6] = IPPROTO_ICMPV6;
+    ipv6[7] = 255;
+    // source [8..24] stays the unspecified address
+    ipv6[24..40].copy_from_slice(&group.octets());
+    let ns = &mut frame[ETHERNET_HEADER_LEN + IPV6_HEADER_LEN..];
+    ns[0] = ICMPV6_NEIGHBOR_SOLICITATION;
+    ns[8..24].copy_from_slice(&octets);
+    let checksum = icmpv6_checksum(Ipv6Addr::UNSPECIFIED, group, ns);
+    ns[2..4].copy_from_slice(&checksum.to_be_bytes());
+    frame
+}
+
+/// The length of a duplicate-address-detection solicitation: Ethernet, IPv6, 24 bytes of
+/// solicitation.
+pub const DAD_NS_FRAME_LEN: usize = ETHERNET_HEADER_LEN + IPV6_HEADER_LEN + NS_LEN;
+const NS_LEN: usize = 24;
+const ICMPV6_NEIGHBOR_SOLICITATION: u8 = 135;
+
+/// If `frame` says that some host holds `ip` (an ARP reply or request whose sender protocol
+/// address is `ip`, or a neighbour advertisement whose target is `ip`), that host's hardware
+/// address: the ARP sender's, or the advertisement's target link-layer address option (else the
+/// Ethernet source).
+pub fn claimant(frame: &[u8], ip: IpAddr) -> Option<[u8; 6]> {
+    let ethertype = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
+    let body = frame.get(ETHERNET_HEADER_LEN..)?;
+    let mac = |bytes: &[u8]| -> Option<[u8; 6]> { bytes.try_into().ok() };
+    match (ip, ethertype) {
+        (IpAddr::V4(v4), ETHERTYPE_ARP) => {
+            let ethernet_ipv4 = body.get(0..6)? == [0, 1, 8, 0, 6, 4];
+            (ethernet_ipv4 && body.get(14..18)? == v4.octets()).then(|| mac(body.get(8..14)?)).flatten()
+        }
+        (IpAddr::V6(v6), ETHERTYPE_IPV6) => {
+            let icmp = body.get(IPV6_HEADER_LEN..)?;
+            if body.get(6)? != &IPPROTO_ICMPV6 || icmp.first()? != &ICMPV6_NEIGHBOR_ADVERTISEMENT {
+                return None;
+            }
+            if icmp.get(8..24)? != v6.octets() {
+                return None;
+            }
+            let mut options = icmp.get(24..)?;
+            while options.len() >= 8 {
+                let length = usize::from(options[1]) * 8;
+                if length == 0 || length > options.len() {
+                    break;
+                }
+                if options[0] == OPTION_TARGET_LINK_LAYER_ADDRESS && length >= 8 {
+                    return mac(&options[2..8]);
+                }
+                options = &options[length..];
+            }
+            mac(frame.get(6..12)?)
+        }
+        _ => None,
+    }
 }
 
 /// The frame that announces `ip` from `mac`: [`gratuitous_arp_frame`] or [`unsolicited_na_frame`].
@@ -136,22 +277,26 @@ fn icmpv6_checksum(source: Ipv6Addr, destination: Ipv6Addr, message: &[u8]) -> u
     !(sum as u16)
 }
 
-/// Opens a packet socket on `interface` and sends `frame` once. Blocking.
-fn send_frame(interface: &str, frame: &[u8]) -> Result<()> {
+type Channels = (Box<dyn pnet_datalink::DataLinkSender>, Box<dyn pnet_datalink::DataLinkReceiver>);
+
+/// Opens a packet socket on `interface` (reads wait up to `read_timeout`). Blocking.
+fn open_channel(interface: &str, read_timeout: Option<Duration>) -> Result<Channels> {
     let found = pnet_datalink::interfaces().into_iter().find(|candidate| candidate.name == interface);
     let found = found.ok_or_else(|| NetError::NoSuchInterface { interface: interface.to_owned() })?;
-    let config = Config { promiscuous: false, write_timeout: Some(SEND_TIMEOUT), ..Config::default() };
-    let mut sender = match pnet_datalink::channel(&found, config) {
-        Ok(Channel::Ethernet(sender, _receiver)) => sender,
-        Ok(_) => return Err(NetError::NotEthernet { interface: interface.to_owned() }),
-        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
-            return Err(NetError::PermissionDenied {
-                operation: format!("opening a packet socket on {interface}"),
-                capability: "CAP_NET_RAW",
-            })
-        }
-        Err(source) => return Err(NetError::Channel { interface: interface.to_owned(), source }),
-    };
+    let config = Config { promiscuous: false, write_timeout: Some(SEND_TIMEOUT), read_timeout, ..Config::default() };
+    match pnet_datalink::channel(&found, config) {
+        Ok(Channel::Ethernet(sender, receiver)) => Ok((sender, receiver)),
+        Ok(_) => Err(NetError::NotEthernet { interface: interface.to_owned() }),
+        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => Err(NetError::PermissionDenied {
+            operation: format!("opening a packet socket on {interface}"),
+            capability: "CAP_NET_RAW",
+        }),
+        Err(source) => Err(NetError::Channel { interface: interface.to_owned(), source }),
+    }
+}
+
+/// Sends `frame` once on an open channel. Blocking.
+fn send_on(sender: &mut dyn pnet_datalink::DataLinkSender, interface: &str, frame: &[u8]) -> Result<()> {
     match sender.send_to(frame, None) {
         Some(Ok(())) => Ok(()),
         Some(Err(source)) => Err(NetError::Send { interface: interface.to_owned(), source }),
@@ -247,6 +392,37 @@ mod tests {
             }
             assert_eq!(verify, 0xffff, "the frame for {vip} verifies");
         }
+    }
+
+    #[test]
+    fn an_arp_probe_hides_its_sender_and_a_reply_names_the_claimant() {
+        let ip: Ipv4Addr = "198.51.100.200".parse().unwrap();
+        let probe = arp_probe_frame(ip, MAC);
+        assert_eq!(&probe[28..32], &[0, 0, 0, 0], "sender protocol address");
+        assert_eq!(&probe[38..42], &ip.octets(), "target protocol address");
+        // Our own probe claims nothing; a gratuitous ARP or a reply from another host does.
+        assert_eq!(claimant(&probe, IpAddr::V4(ip)), None);
+        let other = [0x02, 0, 0, 0, 0, 0x99];
+        assert_eq!(claimant(&gratuitous_arp_frame(ip, other), IpAddr::V4(ip)), Some(other));
+        assert_eq!(claimant(&gratuitous_arp_frame(ip, other), "198.51.100.201".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_dad_solicitation_goes_to_the_solicited_node_group_and_an_advertisement_names_the_claimant() {
+        let ip: Ipv6Addr = "2001:db8::12:3456".parse().unwrap();
+        let ns = dad_solicitation_frame(ip, MAC);
+        assert_eq!(&ns[0..6], &[0x33, 0x33, 0xff, 0x12, 0x34, 0x56]);
+        assert_eq!(&ns[22..38], &Ipv6Addr::UNSPECIFIED.octets(), "source");
+        let group: Ipv6Addr = "ff02::1:ff12:3456".parse().unwrap();
+        assert_eq!(&ns[38..54], &group.octets(), "destination");
+        let icmp = &ns[54..];
+        assert_eq!(icmp[0], 135);
+        assert_eq!(icmpv6_checksum(Ipv6Addr::UNSPECIFIED, group, icmp), 0, "the checksum verifies");
+        assert_eq!(claimant(&ns, IpAddr::V6(ip)), None);
+        let other = [0x02, 0, 0, 0, 0, 0x99];
+        assert_eq!(claimant(&unsolicited_na_frame(ip, other), IpAddr::V6(ip)), Some(other));
+        assert_eq!(claimant(&unsolicited_na_frame(ip, other), "2001:db8::1".parse().unwrap()), None);
+        assert_eq!(claimant(&[0u8; 10], IpAddr::V6(ip)), None, "a short frame");
     }
 
     #[test]

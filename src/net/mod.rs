@@ -11,7 +11,9 @@
 //!   (invariant 7: the VIP lives only on the leader).
 //! - [`announce`]: one gratuitous ARP (IPv4) or one unsolicited neighbour advertisement (IPv6)
 //!   for a VIP, built by hand ([`gratuitous_arp_frame`], [`unsolicited_na_frame`]) and sent on a
-//!   packet socket from a blocking thread.
+//!   packet socket from a blocking thread; [`announce_times`] sends a burst.
+//! - [`probe`]: asks who holds a VIP (an ARP probe, or a duplicate-address-detection
+//!   solicitation) and returns the other hardware addresses that answered: a conflict.
 //!
 //! # Placement rules
 //!
@@ -54,7 +56,8 @@ mod netlink;
 mod plan;
 
 pub use announce::{
-    announce, announcement_frame, gratuitous_arp_frame, unsolicited_na_frame, GARP_FRAME_LEN, SEND_TIMEOUT,
+    announce, announce_times, announcement_frame, arp_probe_frame, claimant, dad_solicitation_frame,
+    gratuitous_arp_frame, probe, probe_frame, unsolicited_na_frame, DAD_NS_FRAME_LEN, GARP_FRAME_LEN, SEND_TIMEOUT,
     UNSOLICITED_NA_FRAME_LEN,
 };
 pub use netlink::{Netlink, RoutingTable};

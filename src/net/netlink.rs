@@ -235,16 +235,32 @@ impl RoutingTable {
             .filter(|route| covers(route.destination, route.prefix_len, ip))
             .min_by_key(|route| (std::cmp::Reverse(route.prefix_len), route.metric))?;
         match &best.target {
-            RouteTarget::Interface(index, name) => {
-                Some(RouteMatch {
-                    interface_index: *index,
-                    interface_name: name.clone(),
-                    prefix_len: best.prefix_len,
-                    on_link: best.on_link,
-                })
-            }
+            RouteTarget::Interface(index, name) => Some(RouteMatch {
+                interface_index: *index,
+                interface_name: name.clone(),
+                prefix_len: best.prefix_len,
+                on_link: best.on_link,
+            }),
             RouteTarget::Reject => None,
         }
+    }
+
+    /// The prefixes of the routes that take part in lookups, for a node's VIP report
+    /// ([`routes_cover`](crate::model::routes_cover) over them agrees with
+    /// [`RoutingTable::lookup`] on whether an address is covered).
+    pub fn prefixes(&self) -> Vec<crate::model::RoutePrefix> {
+        let mut prefixes: Vec<crate::model::RoutePrefix> = self
+            .routes
+            .iter()
+            .map(|route| crate::model::RoutePrefix {
+                network: route.destination,
+                prefix_len: route.prefix_len,
+                reject: route.target == RouteTarget::Reject,
+            })
+            .collect();
+        prefixes.sort_by_key(|p| (p.network, p.prefix_len, p.reject));
+        prefixes.dedup();
+        prefixes
     }
 
     /// How many routes take part in lookups.

@@ -32,6 +32,8 @@ pub const ELECTION: &str = "/election";
 pub const RUNNERS: &str = "/runners";
 /// Parent of VIP configurations.
 pub const VIPS: &str = "/vips";
+/// Parent of each node's VIP report (ephemeral): its routes, what it holds, conflicts.
+pub const VIP_STATUS: &str = "/vip-status";
 /// Parent of cluster-wide settings.
 pub const CONFIG: &str = "/config";
 /// The cluster's time zone and default run window, which every node must share.
@@ -39,7 +41,7 @@ pub const SCHEDULE: &str = "/config/schedule";
 /// A one-way verifier of the cluster's transport credential (the TCP cluster secret).
 pub const SECRET_VERIFIER: &str = "/config/secret-verifier";
 /// The persistent parents, created when a cluster first starts.
-pub const ROOTS: [&str; 5] = [TASKS, ELECTION, RUNNERS, VIPS, CONFIG];
+pub const ROOTS: [&str; 6] = [TASKS, ELECTION, RUNNERS, VIPS, VIP_STATUS, CONFIG];
 
 /// Name of a task's status record under its control node.
 pub const STATUS: &str = "status";
@@ -75,6 +77,11 @@ pub fn locks(id: &TaskId) -> String {
 /// A runner's registration.
 pub fn runner(node: &crate::model::NodeId) -> String {
     format!("{RUNNERS}/{node}")
+}
+
+/// A node's VIP report.
+pub fn vip_status(node: &crate::model::NodeId) -> String {
+    format!("{VIP_STATUS}/{node}")
 }
 
 /// A VIP service's configuration.

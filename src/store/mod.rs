@@ -27,7 +27,7 @@ use crate::clock::Clock;
 use crate::coord::{ensure_path, CoordError, Coordination, CreateMode, Op, OpResult, Stat, Version};
 use crate::model::{
     Change, NodeId, RecordVersions, RunWindow, Task, TaskControl, TaskId, TaskProgress, TaskSpec, TaskState,
-    TaskStatus, VipConfig,
+    TaskStatus, VipConfig, VipNodeStatus,
 };
 use crate::schedule::ScheduleSettings;
 
@@ -582,6 +582,40 @@ impl TaskStore {
             }
         }
         Ok(configs)
+    }
+
+    /// Every live node's VIP report, by node id.
+    pub async fn vip_statuses(&self) -> Result<Vec<(NodeId, VipNodeStatus)>> {
+        let mut statuses = Vec::new();
+        for name in self.coord.children(layout::VIP_STATUS).await? {
+            let Ok(node) = NodeId::new(name.clone()) else { continue };
+            match self.read::<VipNodeStatus>(&crate::coord::join(layout::VIP_STATUS, &name)).await {
+                Ok((status, _)) => statuses.push((node, status)),
+                Err(StoreError::Coord(CoordError::NoNode { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        statuses.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(statuses)
+    }
+
+    /// Publishes this node's VIP report (an ephemeral node of this session, replaced in place).
+    pub async fn put_vip_status(&self, node: &NodeId, status: &VipNodeStatus) -> Result<()> {
+        let path = layout::vip_status(node);
+        let data = encode(status);
+        loop {
+            match self.coord.set(&path, &data, None).await {
+                Ok(_) => return Ok(()),
+                Err(CoordError::NoNode { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match self.coord.create(&path, &data, CreateMode::Ephemeral).await {
+                Ok(_) => return Ok(()),
+                // Created meanwhile (a lost reply of our own create): set it.
+                Err(CoordError::NodeExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn read<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Version)> {

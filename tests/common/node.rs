@@ -115,6 +115,10 @@ pub struct NodeConfig {
     pub arp_interval_ms: Option<u64>,
     /// `--arp-refresh-ms`.
     pub arp_refresh_ms: Option<u64>,
+    /// `--arp-burst`.
+    pub arp_burst: Option<u32>,
+    /// `--vip-conflict-interval-ms`.
+    pub vip_conflict_interval_ms: Option<u64>,
 }
 
 impl NodeConfig {
@@ -137,6 +141,8 @@ impl NodeConfig {
             arp_rounds: None,
             arp_interval_ms: None,
             arp_refresh_ms: None,
+            arp_burst: None,
+            vip_conflict_interval_ms: None,
         }
     }
 
@@ -167,6 +173,8 @@ impl NodeConfig {
         flag("--arp-rounds", self.arp_rounds.map(|v| v.to_string()));
         flag("--arp-interval-ms", self.arp_interval_ms.map(|v| v.to_string()));
         flag("--arp-refresh-ms", self.arp_refresh_ms.map(|v| v.to_string()));
+        flag("--arp-burst", self.arp_burst.map(|v| v.to_string()));
+        flag("--vip-conflict-interval-ms", self.vip_conflict_interval_ms.map(|v| v.to_string()));
         // A node in the host's own namespace never manages VIPs: tests touch no host interface.
         if self.no_vips || self.netns.is_none() {
             args.push("--no-vips".into());
