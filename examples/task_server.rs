@@ -110,6 +110,10 @@ struct Args {
     /// Temporary failures in a row after which a task fails (default 10).
     #[arg(long)]
     temporary_failure_limit: Option<u32>,
+    /// How long a leader cut off from ZooKeeper keeps leading (and its VIPs), at most until its
+    /// local lease lapses (default 1000; 0 lets go at once).
+    #[arg(long)]
+    leader_suspend_grace_ms: Option<u64>,
 }
 
 impl Args {
@@ -135,6 +139,7 @@ impl Args {
             step_timeout_ms: self.step_timeout_ms.or(file.step_timeout_ms),
             stop_timeout_ms: self.stop_timeout_ms.or(file.stop_timeout_ms),
             temporary_failure_limit: self.temporary_failure_limit.or(file.temporary_failure_limit),
+            leader_suspend_grace_ms: self.leader_suspend_grace_ms.or(file.leader_suspend_grace_ms),
             arp_burst: self.arp_burst.or(file.arp_burst),
             arp_rounds: self.arp_rounds.or(file.arp_rounds),
             vip_conflict_interval_ms: self.vip_conflict_interval_ms.or(file.vip_conflict_interval_ms),
@@ -193,6 +198,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if let Some(limit) = args.temporary_failure_limit {
         builder = builder.temporary_failure_limit(limit);
+    }
+    if let Some(grace) = args.leader_suspend_grace_ms {
+        builder = builder.leader_suspend_grace_ms(grace);
     }
     let mut vips = VipSettings { enabled: !args.no_vips, ..VipSettings::default() };
     if let Some(ms) = args.vip_check_interval_ms {

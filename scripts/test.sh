@@ -44,6 +44,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "cargo doc --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+
 # The integration tests start the examples (task_server, taskctl) as processes; the test harness
 # builds them on first use too, but building them here keeps that out of the tests' deadlines.
 step "cargo build --examples"

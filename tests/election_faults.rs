@@ -248,3 +248,45 @@ async fn seeded_faults(service: Service, seeds: &[u64]) {
         b.shutdown().await;
     }
 }
+
+/// A leader whose connection is lost keeps leading through a stall shorter than its grace (the
+/// VIPs do not move for a ZooKeeper hiccup), and lets go once the grace is over; with no grace
+/// it lets go at once. The grace is always cut short by the local lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_rides_out_a_stall_within_its_grace_and_no_longer() {
+    common::init_tracing();
+    let server = EmbeddedServer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str, grace_ms: u64| {
+        let session = server.connect();
+        let builder = TaskCenter::builder()
+            .node_id(name)
+            .coordination(Arc::new(session.clone()))
+            .transport(Arc::new(InProcessNetwork::new()))
+            .data_dir(dir.path().join(name))
+            .executor(Arc::new(SimulatedExecutor::new(1, Duration::from_millis(10), 1 << 20)))
+            .leader_suspend_grace_ms(grace_ms);
+        async move { (builder.build().unwrap().start().await.unwrap(), session) }
+    };
+    let cases = [
+        (3_000, Duration::from_millis(500), true),
+        (1_000, Duration::from_secs(3), false),
+        (0, Duration::from_millis(500), false),
+    ];
+    for (grace_ms, stall, kept) in cases {
+        let (node, session) = start(&format!("grace-{grace_ms}"), grace_ms).await;
+        let mut status = node.leader_status();
+        common::within(WAIT, "the node leads", status.wait_for(|s| s.ready)).await.unwrap();
+        // Record every leadership change during the stall.
+        let mut watcher = node.leader_status();
+        let lost = tokio::spawn(async move { watcher.wait_for(|s| !s.ready).await.is_ok() });
+        session.suspend();
+        let _ =
+            tokio::time::timeout(stall, &mut Box::pin(async { status.wait_for(|s| !s.ready).await.map(|_| ()) })).await;
+        session.resume();
+        common::within(WAIT, "the node leads again", status.wait_for(|s| s.ready)).await.unwrap();
+        let was_lost = lost.is_finished() && lost.await.unwrap();
+        assert_eq!(!was_lost, kept, "grace {grace_ms} ms, stall {stall:?}: leadership kept {}", !was_lost);
+        node.shutdown().await;
+    }
+}

@@ -7,7 +7,7 @@
 //! call) and from its own ZooKeeper watch on the control record, so a runner cut off from the
 //! dispatcher still obeys.
 //!
-//! The actor is the task's mailbox; the work runs in a task it spawns ([`Drive`]), which owns the
+//! The actor is the task's mailbox; the work runs in a task it spawns (`Drive`), which owns the
 //! claim, so no state is shared between the two but a `watch` channel of [`Directive`]s.
 //!
 //! # The data plane, deadlines and stops

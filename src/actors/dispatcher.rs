@@ -1,7 +1,7 @@
 //! The dispatcher: on every node, active on the leader only.
 //!
 //! Every node's dispatcher takes client requests; a follower forwards them to the leader
-//! ([`requests::forward`]). The leader's dispatcher serves them ([`requests::Leader`]) and
+//! (`requests::forward`). The leader's dispatcher serves them (`requests::Leader`) and
 //! schedules: it assigns pending tasks to live runners (least loaded first, within capacity) and
 //! puts the tasks of vanished runners back to pending. Scheduling runs when something may have
 //! changed (a new task, a runner joining or leaving, a task finishing: any change the mirror takes

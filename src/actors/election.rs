@@ -89,12 +89,22 @@ impl Resign {
 pub(crate) async fn campaign(
     coord: Arc<dyn Coordination>,
     me: LeaderInfo,
+    hold: LeaderHold,
     to: Vec<Recipient<Leadership>>,
     resign: tokio::sync::mpsc::Receiver<Duration>,
     stop: StopToken,
 ) {
-    let mut campaign =
-        Campaign { coord, me, to, resign, session: None, leading: false, candidate: None, token: (0, String::new()) };
+    let mut campaign = Campaign {
+        coord,
+        me,
+        hold,
+        to,
+        resign,
+        session: None,
+        leading: false,
+        candidate: None,
+        token: (0, String::new()),
+    };
     tokio::select! {
         _ = campaign.run() => {}
         _ = stop.cancelled() => {}
@@ -106,9 +116,19 @@ pub(crate) async fn campaign(
     }
 }
 
+/// How long a leader whose session is suspended keeps leading: at most `grace`, and never past
+/// the node's local lease (see [`crate::lease`]), which lapses well before the session can
+/// expire on the server and another node can win.
+#[derive(Clone)]
+pub(crate) struct LeaderHold {
+    pub lease: crate::lease::LocalLease,
+    pub grace: Duration,
+}
+
 struct Campaign {
     coord: Arc<dyn Coordination>,
     me: LeaderInfo,
+    hold: LeaderHold,
     to: Vec<Recipient<Leadership>>,
     resign: tokio::sync::mpsc::Receiver<Duration>,
     session: Option<watch::Receiver<SessionStatus>>,
@@ -160,6 +180,12 @@ impl Campaign {
         loop {
             let status = *session.borrow_and_update();
             if status.generation != generation || status.state != SessionState::Connected {
+                if self.leading && status.generation == generation && status.state == SessionState::Suspended {
+                    if self.ride_out(&mut session, generation).await {
+                        continue;
+                    }
+                    warn!(node = %self.me.node, "ZooKeeper unreachable beyond the leader's grace; letting go of leadership");
+                }
                 self.tell(false, None);
                 if status.generation != generation || status.state == SessionState::Closed {
                     self.candidate = None;
@@ -205,6 +231,27 @@ impl Campaign {
                 }
             }
         }
+    }
+
+    /// A leader's session is suspended: waits for it to come back within the grace, cut short
+    /// by the local lease. True if it did (the node still leads).
+    async fn ride_out(&self, session: &mut watch::Receiver<SessionStatus>, generation: u64) -> bool {
+        let now = tokio::time::Instant::now();
+        let Some(until) = self.hold.lease.valid_until(generation).map(|lease| lease.min(now + self.hold.grace)) else {
+            return false;
+        };
+        if until <= now {
+            return false;
+        }
+        debug!(node = %self.me.node, grace_ms = (until - now).as_millis() as u64, "ZooKeeper connection lost; still leading for now");
+        let back = session.wait_for(|s| s.generation != generation || s.state != SessionState::Suspended);
+        let _ = tokio::time::timeout_at(until, back).await;
+        let status = *session.borrow();
+        let kept = status.generation == generation && status.state == SessionState::Connected;
+        if kept {
+            info!(node = %self.me.node, "ZooKeeper connection back within the grace; still leading");
+        }
+        kept
     }
 
     /// This session's candidate, found by its name prefix `ours` (a create whose answer was

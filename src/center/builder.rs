@@ -45,7 +45,7 @@ pub enum CoordinationConfig {
     /// An in-process service of this node alone, durable in this directory (see
     /// [`EmbeddedServer::open`]): the default, under the data directory.
     Durable(PathBuf),
-    /// A handle the host made itself: its own [`Coordination`] implementation, or one of the
+    /// A handle the host made itself: its own [`Coordination`](crate::coord::Coordination) implementation, or one of the
     /// crate's wrapped (for instance in a [`FaultyCoordination`](crate::coord::FaultyCoordination)
     /// to test under lost replies). The node closes it at shutdown.
     Custom(Arc<dyn crate::coord::Coordination>),
@@ -74,6 +74,7 @@ pub struct TaskCenterBuilder {
     pub(super) data_threads: usize,
     pub(super) step_timeout_ms: u64,
     pub(super) stop_timeout_ms: u64,
+    pub(super) leader_suspend_grace_ms: u64,
     pub(super) temporary_failure_limit: u32,
 }
 
@@ -99,6 +100,8 @@ pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 900_000;
 /// Default time an executor call may take to stop after a pause, cancel, shutdown or window end
 /// before it is abandoned; a stop takes effect within it plus one progress commit.
 pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 2_000;
+/// Default [`TaskCenterBuilder::leader_suspend_grace_ms`].
+pub const DEFAULT_LEADER_SUSPEND_GRACE_MS: u64 = 1_000;
 
 impl Default for TaskCenterBuilder {
     fn default() -> Self {
@@ -122,6 +125,7 @@ impl Default for TaskCenterBuilder {
             data_threads: DEFAULT_DATA_THREADS,
             step_timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
+            leader_suspend_grace_ms: DEFAULT_LEADER_SUSPEND_GRACE_MS,
             temporary_failure_limit: crate::actors::controller::MAX_TEMPORARY_FAILURES,
         }
     }
@@ -289,6 +293,17 @@ impl TaskCenterBuilder {
         self
     }
 
+    /// How long a leader whose ZooKeeper connection is lost (the session suspended, not
+    /// expired) keeps leading, and so keeps the VIPs, before it lets go, 0 to 600 000 ms.
+    /// Default 1 000 ms. It is always cut short by the node's local lease (half the session
+    /// timeout after the last answered heartbeat), so no other node can lead before this one
+    /// let go, whatever the value: a larger value only rides out longer ZooKeeper stalls
+    /// without moving the VIPs, up to that bound. 0 lets go at once.
+    pub fn leader_suspend_grace_ms(mut self, grace_ms: u64) -> Self {
+        self.leader_suspend_grace_ms = grace_ms;
+        self
+    }
+
     /// Temporary failures of a task's run in a row (a backend unreachable, a panic, a call past
     /// its deadline) after which the task fails with the last one's reason, 1 to 1 000; each is
     /// retried with backoff (100 ms doubling to 10 s) from the last checkpoint. Default 10.
@@ -317,6 +332,7 @@ impl TaskCenterBuilder {
         range("data_threads", self.data_threads as u64, 1, 64)?;
         range("step_timeout_ms", self.step_timeout_ms, 1_000, 86_400_000)?;
         range("stop_timeout_ms", self.stop_timeout_ms, 10, 600_000)?;
+        range("leader_suspend_grace_ms", self.leader_suspend_grace_ms, 0, 600_000)?;
         range("temporary_failure_limit", u64::from(self.temporary_failure_limit), 1, 1_000)?;
         range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
         range("vips arp_burst", u64::from(self.vips.arp_burst), 1, 100)?;
@@ -367,6 +383,7 @@ impl TaskCenterBuilder {
             data_threads: self.data_threads,
             step_timeout_ms: self.step_timeout_ms,
             stop_timeout_ms: self.stop_timeout_ms,
+            leader_suspend_grace_ms: self.leader_suspend_grace_ms,
             temporary_failure_limit: self.temporary_failure_limit,
         })
     }

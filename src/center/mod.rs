@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::actors::controller::DriveSettings;
 use crate::actors::dispatcher::{Client, DispatcherConfig};
-use crate::actors::election::{campaign, LeaderInfo, Resign};
+use crate::actors::election::{campaign, LeaderHold, LeaderInfo, Resign};
 use crate::actors::runner::{Assign, ControlChanged, Holding, RunnerConfig, StopRunner};
 use crate::actors::vip::VipServerConfig;
 use crate::actors::{Dispatcher, LeaderStatus, Runner, VipReport, VipServer, VipSettings};
@@ -37,8 +37,8 @@ mod builder;
 
 pub use builder::{
     ConfigError, CoordinationConfig, TaskCenterBuilder, DEFAULT_CALL_TIMEOUT_MS, DEFAULT_DATA_THREADS,
-    DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS, DEFAULT_STEP_TIMEOUT_MS,
-    DEFAULT_STOP_TIMEOUT_MS, DEFAULT_SWEEP_INTERVAL_MS, DEFAULT_TASKS_PER_RUNNER,
+    DEFAULT_LEADER_SUSPEND_GRACE_MS, DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS,
+    DEFAULT_STEP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_SWEEP_INTERVAL_MS, DEFAULT_TASKS_PER_RUNNER,
 };
 
 /// Why a node could not start. Nothing is left running.
@@ -117,6 +117,7 @@ pub struct TaskCenter {
     data_threads: usize,
     step_timeout_ms: u64,
     stop_timeout_ms: u64,
+    leader_suspend_grace_ms: u64,
     temporary_failure_limit: u32,
 }
 
@@ -389,6 +390,7 @@ async fn boot(
     };
     let address = listener.address().to_string();
     let (leader_tx, leader) = watch::channel(LeaderStatus::default());
+    let lease = crate::lease::start(coord.clone());
     let runner = Runner::new(RunnerConfig {
         node: config.node.clone(),
         address: address.clone(),
@@ -398,7 +400,7 @@ async fn boot(
         clock: config.clock.clone(),
         schedule: config.schedule.clone(),
         mailbox_capacity: config.mailbox_capacity,
-        lease: crate::lease::start(coord.clone()),
+        lease: lease.clone(),
         drive: DriveSettings {
             data,
             step_timeout: Duration::from_millis(config.step_timeout_ms),
@@ -434,7 +436,8 @@ async fn boot(
         report: vip_report_tx,
     });
     let recipients = vec![dispatcher.clone().recipient(), vip_server.clone().recipient(), arp_syncer.recipient()];
-    let election = actix::spawn(campaign(coord.clone(), me, recipients, resigns, election_stop.clone()));
+    let hold = LeaderHold { lease, grace: Duration::from_millis(config.leader_suspend_grace_ms) };
+    let election = actix::spawn(campaign(coord.clone(), me, hold, recipients, resigns, election_stop.clone()));
 
     let (stop, stopped) = oneshot::channel::<bool>();
     let session = coord.subscribe();

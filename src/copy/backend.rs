@@ -101,7 +101,7 @@ pub trait CopyBackend: Send + Sync + 'static {
     async fn open_snapshot(&self, volume: &VolumeRef, snapshot: &SnapshotId) -> BackendResult<Box<dyn ReadVolume>>;
 
     /// Opens a volume for writing (and reading, for the target-diff mode) under `lease`, which it
-    /// admits as the volume's newest (see [Fencing](self#fencing-one-writer-per-target-volume)):
+    /// admits as the volume's newest (see the module's fencing rules):
     /// [`BackendError::Fenced`] if the volume has admitted a newer lease.
     async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>>;
 

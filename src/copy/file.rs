@@ -327,7 +327,7 @@ impl CopyBackend for FileBackend {
         Ok(Box::new(ImageFile::open(path, false, "open snapshot").await?))
     }
 
-    /// Takes the volume's writer lock, admits `lease` (see [Fencing](self#fencing-one-writer-per-volume)),
+    /// Takes the volume's writer lock, admits `lease` (see [Fencing](crate::copy::FileBackend)),
     /// then opens the image.
     async fn open_target(&self, volume: &VolumeRef, lease: &WriterLease) -> BackendResult<Box<dyn WriteVolume>> {
         let path = self.volume_path(volume);
@@ -353,7 +353,7 @@ impl CopyBackend for FileBackend {
         .await
     }
 
-    /// From the extent maps of the two snapshot files (see [Limits](self#limits)): `Ok(None)`
+    /// From the extent maps of the two snapshot files (see the module's limits): `Ok(None)`
     /// when they are on different filesystems, the filesystem has no `FIEMAP`, or the files
     /// share no extent in `range` though both hold data there (no reflinks: nothing to learn
     /// from the maps).
