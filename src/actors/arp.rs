@@ -171,6 +171,8 @@ pub struct ArpSyncer {
     /// Another round is wanted as soon as the running one ends.
     again: bool,
     timer: Option<SpawnHandle>,
+    /// The VIPs in conflict, with the other hardware addresses their last probe heard.
+    conflicts: BTreeMap<IpAddr, Vec<[u8; 6]>>,
 }
 
 impl ArpSyncer {
@@ -186,6 +188,7 @@ impl ArpSyncer {
             busy: false,
             again: false,
             timer: None,
+            conflicts: BTreeMap::new(),
         }
     }
 
@@ -262,15 +265,15 @@ impl ArpSyncer {
             }
             self.schedule.set_conflict(outcome.vip, is, now, &self.settings);
             if is {
-                synced.conflicts.insert(outcome.vip, others);
+                self.conflicts.insert(outcome.vip, others);
+            } else {
+                self.conflicts.remove(&outcome.vip);
             }
         }
-        // Conflicts of VIPs not due this round still stand.
-        for (vip, clock) in &self.schedule.clocks {
-            if clock.conflict && !synced.conflicts.contains_key(vip) {
-                synced.conflicts.insert(*vip, Vec::new());
-            }
-        }
+        // Conflicts of VIPs not probed this round still stand; those of VIPs no longer held go.
+        let schedule = &self.schedule;
+        self.conflicts.retain(|vip, _| schedule.in_conflict(*vip));
+        synced.conflicts = self.conflicts.clone();
         super::tell(&self.report, synced);
     }
 }
@@ -330,6 +333,7 @@ impl Handler<Leadership> for ArpSyncer {
         self.leading = leading;
         self.term += 1;
         self.schedule.clear();
+        self.conflicts.clear();
         if leading {
             // Every VIP the first round finds held gets the takeover burst.
             self.round(ctx);
