@@ -100,7 +100,8 @@ fn apply_places_moves_and_removes_vips() {
         async move {
             let netlink = Netlink::new().unwrap();
             let plan = netlink.plan(&vips).await.unwrap();
-            let announced = net::apply(&netlink, &plan).await.unwrap();
+            let (announced, failed) = net::apply(&netlink, &plan).await.unwrap();
+            assert!(failed.is_empty(), "{failed:?}");
             (plan, announced, netlink.plan(&vips).await.unwrap())
         }
     });
@@ -192,7 +193,8 @@ fn place_and_announce(lab: &Lab, vip: IpAddr) {
     lab.hosts[0].netns.run(|| async move {
         let netlink = Netlink::new().unwrap();
         let plan = netlink.plan(&[vip]).await.unwrap();
-        let announced = net::apply(&netlink, &plan).await.unwrap();
+        let (announced, failed) = net::apply(&netlink, &plan).await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
         assert_eq!(announced, vec![vip]);
         let interface = plan.interface_of(vip).unwrap().clone();
         assert_eq!(interface.name, "eth0");

@@ -23,6 +23,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -32,9 +34,10 @@ use super::election::Leadership;
 use super::vip::VipSettings;
 use crate::net;
 
-/// Makes sure every VIP is in place now; answers where each placed VIP is held.
+/// Makes sure every VIP is in place now; answers where each placed VIP is held, or `None` if
+/// the pass failed or this node no longer leads (the schedule is then left as it is).
 #[derive(Message)]
-#[rtype(result = "Vec<Placement>")]
+#[rtype(result = "Option<Vec<Placement>>")]
 pub struct Ensure;
 
 /// A VIP held by this node: the interface's name and MAC.
@@ -70,7 +73,7 @@ pub struct Synced {
 pub struct Due {
     /// The VIP.
     pub vip: IpAddr,
-    /// Frames to send back to back.
+    /// Frames to send back to back (a probe follows them).
     pub frames: u32,
 }
 
@@ -173,6 +176,9 @@ pub struct ArpSyncer {
     timer: Option<SpawnHandle>,
     /// The VIPs in conflict, with the other hardware addresses their last probe heard.
     conflicts: BTreeMap<IpAddr, Vec<[u8; 6]>>,
+    /// The current term while leading, 0 otherwise: a round in flight checks it before it
+    /// announces, so that no frame goes out after leadership was lost.
+    live: Arc<AtomicU64>,
 }
 
 impl ArpSyncer {
@@ -189,6 +195,7 @@ impl ArpSyncer {
             again: false,
             timer: None,
             conflicts: BTreeMap::new(),
+            live: Arc::default(),
         }
     }
 
@@ -220,17 +227,23 @@ impl ArpSyncer {
         self.busy = true;
         let term = self.term;
         let placed = self.ensure.send(Ensure);
-        let work = async move { placed.await.unwrap_or_default() }.into_actor(self).then(move |placements, act, _| {
+        let work = async move { placed.await.ok().flatten() }.into_actor(self).then(move |placements, act, _| {
             let now = Instant::now();
+            let current = act.term == term && act.leading;
+            // A failed pass keeps the schedule: the next round tries again.
+            let placements = placements.filter(|_| current).unwrap_or_default();
             let held: BTreeSet<IpAddr> = placements.iter().map(|p| p.vip).collect();
-            if act.term == term {
+            let due = if placements.is_empty() {
+                Vec::new()
+            } else {
                 act.schedule.follow(&held, now, &act.settings);
-            }
-            let due = if act.term == term { act.schedule.due(now, &act.settings) } else { Vec::new() };
+                act.schedule.due(now, &act.settings)
+            };
+            let live = act.live.clone();
             let window = act.settings.probe_window;
             let jobs = due.into_iter().filter_map(move |due| {
                 let placement = placements.iter().find(|p| p.vip == due.vip)?.clone();
-                Some(sync_one(placement, due.frames, window))
+                Some(sync_one(placement, due.frames, window, live.clone(), term))
             });
             futures::future::join_all(jobs.collect::<Vec<_>>()).into_actor(act)
         });
@@ -287,10 +300,13 @@ struct Outcome {
     errors: Vec<String>,
 }
 
-/// Probes, then announces, one VIP.
-async fn sync_one(placement: Placement, frames: u32, window: Duration) -> Outcome {
+/// Announces, then probes, one VIP, unless leadership of `term` was lost meanwhile.
+async fn sync_one(placement: Placement, frames: u32, window: Duration, live: Arc<AtomicU64>, term: u64) -> Outcome {
     let Placement { vip, interface, mac } = placement;
     let mut errors = Vec::new();
+    if live.load(Ordering::SeqCst) != term {
+        return Outcome { vip, sent: 0, others: None, errors };
+    }
     // Announce first: at a takeover every millisecond counts. The probe follows at once; a
     // host that answers it is a conflict, announced over every conflict interval.
     let sent = match net::announce_times(&interface, vip, mac, frames).await {
@@ -332,6 +348,7 @@ impl Handler<Leadership> for ArpSyncer {
         }
         self.leading = leading;
         self.term += 1;
+        self.live.store(if leading { self.term } else { 0 }, Ordering::SeqCst);
         self.schedule.clear();
         self.conflicts.clear();
         if leading {

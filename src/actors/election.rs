@@ -5,9 +5,11 @@
 //! watches only its immediate predecessor, so a leader's death wakes one node, not all of them
 //! (the recipe of Curator's `LeaderLatch`).
 //!
-//! The campaign tells the dispatcher [`Leadership::Gained`] with the candidate node as the fence
-//! for its writes, and [`Leadership::Lost`] at once when it can no longer confirm that it leads:
-//! the session is suspended (no connection), expired, or its candidate node is gone. After a
+//! The campaign tells its recipients (the dispatcher, the VIP server, the ARP syncer, in that
+//! order; `Lost` in the reverse order, each awaited) [`Leadership::Gained`] with the candidate
+//! node as the fence for its writes, and [`Leadership::Lost`] when it can no longer confirm that
+//! it leads: at once when the session expired or its candidate node is gone, and after at most
+//! the leader's suspend grace (cut short by the local lease) when the connection is lost. After a
 //! reconnect within the same session it checks again and may regain leadership; after an expiry
 //! it enters a new candidate.
 //!
@@ -48,6 +50,25 @@ pub enum Leadership {
     Gained(Fence),
     /// This node no longer leads, or cannot confirm it.
     Lost,
+}
+
+/// The node whose candidate comes right after the lowest: the one that leads if the leader
+/// resigns.
+pub async fn next_in_line(coord: &dyn Coordination) -> Result<Option<NodeId>, CoordError> {
+    let mut names = coord.children(layout::ELECTION).await?;
+    layout::sort_by_sequence(&mut names);
+    for name in names.iter().skip(1) {
+        match coord.get(&join(layout::ELECTION, name)).await {
+            Ok((data, _)) => {
+                if let Ok(info) = decode::<LeaderInfo>(name, &data) {
+                    return Ok(Some(info.node));
+                }
+            }
+            Err(CoordError::NoNode { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// The current leader, as the election says: the lowest candidate's info.
@@ -109,7 +130,7 @@ pub(crate) async fn campaign(
         _ = campaign.run() => {}
         _ = stop.cancelled() => {}
     }
-    campaign.tell(false, None);
+    campaign.tell(false, None).await;
     if let Some(path) = campaign.candidate.take() {
         // Resign: the next candidate's watch fires at once instead of after our session ends.
         let _ = campaign.coord.delete(&path, None).await;
@@ -186,7 +207,12 @@ impl Campaign {
                     }
                     warn!(node = %self.me.node, "ZooKeeper unreachable beyond the leader's grace; letting go of leadership");
                 }
-                self.tell(false, None);
+                self.tell(false, None).await;
+                // The ride-out may have consumed a newer status (the session expired meanwhile).
+                let status = *session.borrow_and_update();
+                if status.state == SessionState::Connected && status.generation == generation {
+                    continue;
+                }
                 if status.generation != generation || status.state == SessionState::Closed {
                     self.candidate = None;
                     return Ok(());
@@ -201,7 +227,7 @@ impl Campaign {
             layout::sort_by_sequence(&mut names);
             let Some(position) = names.iter().position(|n| *n == name) else {
                 warn!(node = %self.me.node, "election candidate vanished; standing again");
-                self.tell(false, None);
+                self.tell(false, None).await;
                 self.candidate = None;
                 return Ok(());
             };
@@ -209,9 +235,9 @@ impl Campaign {
             let watched = if position == 0 { path.clone() } else { join(layout::ELECTION, &names[position - 1]) };
             let (exists, watch) = self.coord.exists_watch(&watched).await?;
             if position == 0 {
-                self.tell(true, Some(&path));
+                self.tell(true, Some(&path)).await;
             } else if exists.is_some() {
-                self.tell(false, None);
+                self.tell(false, None).await;
             } else {
                 continue;
             }
@@ -223,7 +249,7 @@ impl Campaign {
                         continue;
                     }
                     warn!(node = %self.me.node, pause_ms = pause.as_millis() as u64, "resigning leadership");
-                    self.tell(false, None);
+                    self.tell(false, None).await;
                     let _ = self.coord.delete(&path, None).await;
                     self.candidate = None;
                     tokio::time::sleep(pause).await;
@@ -273,7 +299,8 @@ impl Campaign {
         Ok(names.first().map(|name| join(layout::ELECTION, name)))
     }
 
-    fn tell(&mut self, leading: bool, fence: Option<&str>) {
+    /// Tells every recipient, in order and within their mailboxes' capacity (never reordered).
+    async fn tell(&mut self, leading: bool, fence: Option<&str>) {
         if leading == self.leading {
             return;
         }
@@ -288,8 +315,12 @@ impl Campaign {
                 Leadership::Lost
             }
         };
-        for to in &self.to {
-            super::tell(to, message.clone());
+        // Gained in the given order; Lost in reverse, so that the last to learn of leadership
+        // (the ARP syncer, after the VIP server) is the first to stop acting on it.
+        let order: Vec<&Recipient<Leadership>> =
+            if leading { self.to.iter().collect() } else { self.to.iter().rev().collect() };
+        for to in order {
+            let _ = to.send(message.clone()).await;
         }
     }
 }

@@ -68,7 +68,11 @@ impl Leader {
     async fn list_vips(&self) -> Result<ClientReply, ApiError> {
         let mut configs = self.store.vips().await?;
         configs.sort_by(|a, b| a.service.cmp(&b.service));
-        let nodes = self.store.vip_statuses().await?;
+        // The reports are best effort: without them the configuration is still listed.
+        let nodes = self.store.vip_statuses().await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the nodes' VIP reports");
+            Vec::new()
+        });
         let statuses = configs
             .into_iter()
             .map(|config| {

@@ -14,7 +14,7 @@
 //!   address removed by hand comes back) and on every configuration change. A VIP dropped from
 //!   the configuration is removed by the next pass.
 //! - On losing leadership, or when the session is suspended and leadership cannot be confirmed
-//!   (the election tells it `Lost` at once), it removes the VIPs **from the configuration it
+//!   (the election tells it `Lost` after its short grace, never past the node's local lease), it removes the VIPs **from the configuration it
 //!   last saw**, without waiting for ZooKeeper.
 //! - Each node publishes a report (`/vip-status/<node>`, ephemeral): its route prefixes, the
 //!   VIPs its interfaces actually hold, conflicts and errors. `vip list` is built from these.
@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,11 @@ const RESIGN_PAUSE: Duration = Duration::from_secs(10);
 const HANDOVER: Backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(600));
 /// A node that has not handed over for this long starts its backoff again.
 const HANDOVER_RESET: Duration = Duration::from_secs(1_800);
+/// Longest a hand-over decision (a few ZooKeeper reads) may take before it is left for later.
+const HANDOVER_DECISION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a node that loses leadership waits for its VIPs to be removed before it goes on
+/// (withdrawing its election candidate, on shutdown).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// VIP settings of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,21 +156,23 @@ struct Wanted {
 struct Handovers {
     count: u32,
     last: Option<Instant>,
+    /// The earliest next hand-over, drawn once per hand-over.
+    next_allowed: Option<Instant>,
 }
 
 impl Handovers {
-    /// Whether a hand-over is allowed at `now`; if so, counts it.
+    /// Whether a hand-over is allowed at `now`; if so, counts it and sets when the next one may
+    /// come.
     fn allow(&mut self, now: Instant) -> bool {
         if self.last.is_some_and(|last| now.duration_since(last) > HANDOVER_RESET) {
             self.count = 0;
         }
-        if let Some(last) = self.last {
-            if now < last + HANDOVER.delay(self.count) {
-                return false;
-            }
+        if self.next_allowed.is_some_and(|next| now < next) {
+            return false;
         }
         self.count += 1;
         self.last = Some(now);
+        self.next_allowed = Some(now + HANDOVER.delay(self.count));
         true
     }
 }
@@ -182,6 +190,7 @@ struct PassContext {
     resign: Resign,
     handovers: Arc<Mutex<Handovers>>,
     syncer: Recipient<Placed>,
+    failed: Recipient<NetFailed>,
     /// Unroutable VIPs already logged, so that each is logged once until it changes.
     logged: Arc<Mutex<BTreeSet<IpAddr>>>,
 }
@@ -195,6 +204,9 @@ pub struct VipServer {
     wanted: Arc<Mutex<Wanted>>,
     /// One netlink pass at a time.
     passes: Arc<tokio::sync::Mutex<()>>,
+    /// A background pass is queued behind the running one.
+    queued: Arc<AtomicBool>,
+    addr: Option<Addr<VipServer>>,
     handovers: Arc<Mutex<Handovers>>,
     logged: Arc<Mutex<BTreeSet<IpAddr>>>,
     syncer: Recipient<Placed>,
@@ -225,6 +237,8 @@ impl VipServer {
             leading: false,
             wanted: Arc::default(),
             passes: Arc::default(),
+            queued: Arc::default(),
+            addr: None,
             handovers: Arc::default(),
             logged: Arc::default(),
             syncer,
@@ -264,50 +278,90 @@ impl VipServer {
             resign: self.config.resign.clone(),
             handovers: self.handovers.clone(),
             syncer: self.syncer.clone(),
+            failed: self.addr.clone()?.recipient(),
             logged: self.logged.clone(),
         })
     }
 
-    /// Runs a pass in the background (see [`pass`]).
-    fn reconcile(&mut self, ctx: &mut Context<Self>) {
-        let Some(pass_context) = self.pass_context() else { return };
-        let addr = ctx.address();
+    /// Runs a pass in the background (see [`pass`]). Passes coalesce: while one is queued
+    /// behind the running one, another request adds nothing (the queued pass reads the wanted
+    /// state when it starts, so it covers every request made before).
+    fn reconcile(&mut self, _ctx: &mut Context<Self>) {
+        let Some(cx) = self.pass_context() else { return };
+        if self.queued.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let queued = self.queued.clone();
         actix::spawn(async move {
-            if let Err(e) = pass(&pass_context, false).await {
-                let _ = addr.send(NetFailed(e)).await;
-            }
+            let _ = run_pass(&cx, false, Some(&queued)).await;
         });
     }
 }
 
+/// Runs [`pass`], reports its failure, and hands leadership over if it says so (outside the
+/// pass: ZooKeeper reads never hold up a netlink change).
+async fn run_pass(cx: &PassContext, ensure: bool, queued: Option<&AtomicBool>) -> Option<Vec<Placement>> {
+    match pass(cx, ensure, queued).await {
+        Ok(outcome) => {
+            if outcome.unroutable {
+                let handover = hand_over_if_better(cx);
+                if tokio::time::timeout(HANDOVER_DECISION_TIMEOUT, handover).await.is_err() {
+                    debug!(node = %cx.node, "no hand-over decision in time; trying at the next check");
+                }
+            }
+            outcome.placements
+        }
+        Err(e) => {
+            let _ = cx.failed.send(NetFailed(e)).await;
+            None
+        }
+    }
+}
+
+/// What a pass found.
+struct PassOutcome {
+    /// Where each VIP is held, for an ensuring pass of a node that still leads.
+    placements: Option<Vec<Placement>>,
+    /// Some VIP has no route on this (leading) node.
+    unroutable: bool,
+}
+
 /// One serialized pass: puts the node's interfaces in line with what is wanted **now** (the VIPs
 /// if leading, none otherwise, and never a dropped VIP), then reports. With `ensure`, answers
-/// where each VIP is held (for the ARP syncer's round).
-async fn pass(cx: &PassContext, ensure: bool) -> Result<Vec<Placement>, NetError> {
+/// where each VIP is held (for the ARP syncer's round). A follower removes first and reads
+/// routes afterwards, best effort: nothing else can hold up a removal.
+async fn pass(cx: &PassContext, ensure: bool, queued: Option<&AtomicBool>) -> Result<PassOutcome, NetError> {
     let _pass = cx.passes.lock().await;
+    if let Some(queued) = queued {
+        queued.store(false, Ordering::SeqCst);
+    }
     let (vips, dropped, leading) = {
         let wanted = cx.wanted.lock().unwrap_or_else(|p| p.into_inner());
         (wanted.vips.clone(), wanted.dropped.iter().copied().collect::<Vec<_>>(), wanted.leading)
     };
     let node = &cx.node;
     if !dropped.is_empty() {
-        let removed = net::remove_vips(&cx.netlink, &dropped).await?;
-        if removed > 0 {
-            info!(%node, ?dropped, "removed VIPs dropped from the configuration");
-        }
-        let mut wanted = cx.wanted.lock().unwrap_or_else(|p| p.into_inner());
-        for vip in &dropped {
-            wanted.dropped.remove(vip);
+        match net::remove_vips(&cx.netlink, &dropped).await {
+            Ok(removed) => {
+                if removed > 0 {
+                    info!(%node, ?dropped, "removed VIPs dropped from the configuration");
+                }
+                let mut wanted = cx.wanted.lock().unwrap_or_else(|p| p.into_inner());
+                for vip in &dropped {
+                    wanted.dropped.remove(vip);
+                }
+            }
+            Err(e) if e.is_permission_denied() => return Err(e),
+            Err(e) => warn!(%node, error = %e, "cannot remove VIPs dropped from the configuration yet"),
         }
     }
-    let table = cx.netlink.routing_table().await?;
-    let routes = table.prefixes();
     if !leading {
         let removed = net::remove_vips(&cx.netlink, &vips).await?;
         if removed > 0 {
             info!(%node, removed, "removed VIPs: this node does not lead");
         }
-        let holds = held(&cx.netlink, &vips).await?;
+        let routes = cx.netlink.routing_table().await.map(|t| t.prefixes()).unwrap_or_default();
+        let holds = held(&cx.netlink, &vips).await.unwrap_or_default();
         cx.report.send_modify(|r| {
             r.held = holds.clone();
             r.errors.clear();
@@ -315,17 +369,24 @@ async fn pass(cx: &PassContext, ensure: bool) -> Result<Vec<Placement>, NetError
         });
         publish(cx, false, routes, holds, Vec::new());
         cx.logged.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        return Ok(Vec::new());
+        return Ok(PassOutcome { placements: None, unroutable: false });
     }
+    let table = cx.netlink.routing_table().await?;
+    let routes = table.prefixes();
     let current = cx.netlink.addresses().await?;
     let plan = net::plan(&vips, |ip| table.lookup(ip), &current);
-    let added = net::apply(&cx.netlink, &plan).await?;
+    let (added, failed) = net::apply(&cx.netlink, &plan).await?;
     if !added.is_empty() {
         info!(%node, ?added, "VIPs placed");
         super::tell(&cx.syncer, Placed(added));
     }
     let unroutable = plan.unroutable();
-    let errors: Vec<String> = unroutable.iter().map(|ip| format!("no route covers VIP {ip} on this node")).collect();
+    let mut errors: Vec<String> =
+        unroutable.iter().map(|ip| format!("no route covers VIP {ip} on this node")).collect();
+    for (ip, e) in &failed {
+        warn!(%node, vip = %ip, error = %e, "cannot place a VIP; the others are placed");
+        errors.push(format!("cannot place VIP {ip}: {e}"));
+    }
     {
         let mut logged = cx.logged.lock().unwrap_or_else(|p| p.into_inner());
         for ip in unroutable.iter().filter(|ip| !logged.contains(ip)) {
@@ -333,26 +394,26 @@ async fn pass(cx: &PassContext, ensure: bool) -> Result<Vec<Placement>, NetError
         }
         *logged = unroutable.iter().copied().collect();
     }
-    let holds: Vec<IpAddr> = plan.placements().map(|(ip, _)| ip).collect();
+    let failed: BTreeSet<IpAddr> = failed.iter().map(|(ip, _)| *ip).collect();
+    let holds: Vec<IpAddr> = plan.placements().map(|(ip, _)| ip).filter(|ip| !failed.contains(ip)).collect();
     cx.report.send_modify(|r| {
         r.held = holds.clone();
         r.errors = errors.clone();
     });
-    publish(cx, true, routes.clone(), holds, errors);
-    if !unroutable.is_empty() {
-        hand_over_if_better(cx, &vips, &routes).await;
-    }
-    if !ensure {
-        return Ok(Vec::new());
+    publish(cx, true, routes, holds, errors);
+    let unroutable = !unroutable.is_empty();
+    // Leadership may have gone while this pass ran: then nothing is to be announced.
+    if !ensure || !cx.wanted.lock().unwrap_or_else(|p| p.into_inner()).leading {
+        return Ok(PassOutcome { placements: None, unroutable });
     }
     let mut placements = Vec::new();
-    for (vip, interface) in plan.placements() {
+    for (vip, interface) in plan.placements().filter(|(ip, _)| !failed.contains(ip)) {
         match cx.netlink.interface_mac(interface.index).await {
             Ok(mac) => placements.push(Placement { vip, interface: interface.name.clone(), mac }),
             Err(e) => warn!(%vip, interface = %interface.name, error = %e, "no MAC for the VIP's interface"),
         }
     }
-    Ok(placements)
+    Ok(PassOutcome { placements: Some(placements), unroutable })
 }
 
 /// The configured VIPs this node's interfaces hold.
@@ -382,32 +443,39 @@ fn publish(
     });
 }
 
-/// The leader cannot place some VIPs: hands leadership over if another live node's routes cover
-/// more of them than this node's, within the hand-over backoff.
-async fn hand_over_if_better(cx: &PassContext, vips: &[IpAddr], routes: &[crate::model::RoutePrefix]) {
-    let mine = vips.iter().filter(|ip| crate::model::routes_cover(routes, **ip)).count();
-    let others = match cx.store.vip_statuses().await {
-        Ok(others) => others,
+/// The leader cannot place some VIPs: hands leadership over if the node next in line in the
+/// election has routes that cover more of them than this node's, within the hand-over backoff.
+/// (Resigning hands leadership to the next candidate, so only that one is considered.)
+async fn hand_over_if_better(cx: &PassContext) {
+    let vips = cx.wanted.lock().unwrap_or_else(|p| p.into_inner()).vips.clone();
+    let Some(mine) = cx.status.borrow().as_ref().map(|s| vips.iter().filter(|ip| s.covers(**ip)).count()) else {
+        return;
+    };
+    let next = match crate::actors::election::next_in_line(cx.store.coordination().as_ref()).await {
+        Ok(Some(next)) => next,
+        Ok(None) => return,
+        Err(e) => {
+            debug!(error = %e, "cannot read the election");
+            return;
+        }
+    };
+    let status = match cx.store.vip_statuses().await {
+        Ok(statuses) => statuses.into_iter().find(|(node, _)| *node == next).map(|(_, status)| status),
         Err(e) => {
             debug!(error = %e, "cannot read the other nodes' VIP reports");
             return;
         }
     };
-    let better = others
-        .iter()
-        .filter(|(node, _)| *node != cx.node)
-        .map(|(node, status)| (node, vips.iter().filter(|ip| status.covers(**ip)).count()))
-        .filter(|(_, covered)| *covered > mine)
-        .max_by_key(|(_, covered)| *covered);
-    let Some((better, covered)) = better else {
-        debug!(node = %cx.node, "no other node can place more of the VIPs; keeping leadership");
-        return;
-    };
-    if !cx.handovers.lock().unwrap_or_else(|p| p.into_inner()).allow(Instant::now()) {
-        debug!(node = %cx.node, %better, "a hand-over is due but the backoff holds it back");
+    let covered = status.map_or(0, |status| vips.iter().filter(|ip| status.covers(**ip)).count());
+    if covered <= mine {
+        debug!(node = %cx.node, %next, covered, mine, "the next node in line cannot place more of the VIPs; keeping leadership");
         return;
     }
-    warn!(node = %cx.node, %better, covered, mine, "giving up leadership so that a node whose routes cover more of the VIPs can place them");
+    if !cx.handovers.lock().unwrap_or_else(|p| p.into_inner()).allow(Instant::now()) {
+        debug!(node = %cx.node, %next, "a hand-over is due but the backoff holds it back");
+        return;
+    }
+    warn!(node = %cx.node, %next, covered, mine, "giving up leadership so that a node whose routes cover more of the VIPs can place them");
     cx.resign.resign(RESIGN_PAUSE);
 }
 
@@ -455,6 +523,7 @@ impl Actor for VipServer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.addr = Some(ctx.address());
         let (store, node, status, stop) =
             (self.config.store.clone(), self.config.node.clone(), self.status.subscribe(), self.stop.clone());
         actix::spawn(async move {
@@ -561,12 +630,15 @@ impl Handler<Configured> for VipServer {
 }
 
 impl Handler<Leadership> for VipServer {
-    type Result = ();
+    /// Leadership lost: answered once the VIPs are off the interfaces (or after
+    /// `RELEASE_TIMEOUT`), so that the election withdraws its candidate, and another node can
+    /// take them, only then.
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Leadership, ctx: &mut Context<Self>) -> Self::Result {
         let leading = matches!(msg, Leadership::Gained(_));
         if leading == self.leading {
-            return;
+            return Box::pin(async {});
         }
         self.leading = leading;
         self.wanted.lock().unwrap_or_else(|p| p.into_inner()).leading = leading;
@@ -576,7 +648,16 @@ impl Handler<Leadership> for VipServer {
             r.first_announcement = None;
             r.conflicts.clear();
         });
-        self.reconcile(ctx);
+        if leading {
+            self.reconcile(ctx);
+            return Box::pin(async {});
+        }
+        let Some(cx) = self.pass_context() else { return Box::pin(async {}) };
+        Box::pin(async move {
+            if tokio::time::timeout(RELEASE_TIMEOUT, run_pass(&cx, false, None)).await.is_err() {
+                warn!(node = %cx.node, "the VIPs were not removed in time after leadership was lost; still trying");
+            }
+        })
     }
 }
 
@@ -602,20 +683,11 @@ impl Handler<NetFailed> for VipServer {
 }
 
 impl Handler<Ensure> for VipServer {
-    type Result = ResponseFuture<Vec<Placement>>;
+    type Result = ResponseFuture<Option<Vec<Placement>>>;
 
-    fn handle(&mut self, _: Ensure, ctx: &mut Context<Self>) -> Self::Result {
-        let (pass_context, addr) = (self.pass_context(), ctx.address());
-        Box::pin(async move {
-            let Some(pass_context) = pass_context else { return Vec::new() };
-            match pass(&pass_context, true).await {
-                Ok(placements) => placements,
-                Err(e) => {
-                    let _ = addr.send(NetFailed(e)).await;
-                    Vec::new()
-                }
-            }
-        })
+    fn handle(&mut self, _: Ensure, _ctx: &mut Context<Self>) -> Self::Result {
+        let pass_context = self.pass_context();
+        Box::pin(async move { run_pass(&pass_context?, true, None).await })
     }
 }
 
@@ -628,7 +700,12 @@ impl Handler<Synced> for VipServer {
         }
         let conflicts: BTreeMap<IpAddr, Vec<String>> =
             synced.conflicts.iter().map(|(ip, macs)| (*ip, macs.iter().map(|m| format_mac(*m)).collect())).collect();
+        for error in &synced.errors {
+            debug!(node = %self.config.node, %error, "announcement round");
+        }
         self.config.report.send_modify(|r| {
+            r.errors.retain(|e| !e.starts_with("announcing ") && !e.starts_with("probing "));
+            r.errors.extend(synced.errors.iter().cloned());
             r.announced += synced.announced;
             if synced.announced > 0 {
                 r.first_announcement.get_or_insert_with(Instant::now);

@@ -98,6 +98,9 @@ pub struct RoutePrefix {
     pub prefix_len: u8,
     /// An `unreachable`, `blackhole`, `prohibit` or `throw` route: it covers nothing.
     pub reject: bool,
+    /// The route's metric: among routes of equal prefix, the lowest wins.
+    #[serde(default)]
+    pub metric: u32,
 }
 
 impl RoutePrefix {
@@ -115,10 +118,15 @@ impl RoutePrefix {
     }
 }
 
-/// Whether the longest of `routes` that contains `ip` exists and does not reject: a node with
-/// these routes can place `ip` (the rule of the VIP server's placement).
+/// Whether the longest of `routes` that contains `ip` (the lowest metric among equals) exists
+/// and does not reject: a node with these routes can place `ip` (the rule of the VIP server's
+/// placement).
 pub fn routes_cover(routes: &[RoutePrefix], ip: IpAddr) -> bool {
-    routes.iter().filter(|r| r.contains(ip)).max_by_key(|r| (r.prefix_len, !r.reject)).is_some_and(|r| !r.reject)
+    routes
+        .iter()
+        .filter(|r| r.contains(ip))
+        .min_by_key(|r| (std::cmp::Reverse(r.prefix_len), r.metric))
+        .is_some_and(|r| !r.reject)
 }
 
 /// What a node's VIP server reports about itself (ephemeral, gone with its session), for
@@ -206,14 +214,15 @@ pub fn vip_address_states(config: &VipConfig, nodes: &[(NodeId, VipNodeStatus)])
             notes.extend(nodes.iter().flat_map(|(node, s)| {
                 s.errors.iter().filter(|e| e.contains(&text)).map(move |e| format!("{node}: {e}"))
             }));
-            let managed = nodes.iter().any(|(_, s)| s.disabled.is_none());
+            // No report at all (the nodes are starting): nothing is known to be disabled.
+            let managed = nodes.is_empty() || nodes.iter().any(|(_, s)| s.disabled.is_none());
             let state = if holders.len() > 1
                 || (!holders.is_empty() && nodes.iter().any(|(_, s)| s.conflicts.iter().any(|(ip, _)| *ip == address)))
             {
                 VipState::Conflict
             } else if !managed {
                 VipState::Disabled
-            } else if !nodes.iter().any(|(_, s)| s.covers(address)) {
+            } else if !nodes.is_empty() && !nodes.iter().any(|(_, s)| s.covers(address)) {
                 VipState::NoRoute
             } else if holders.len() == 1 {
                 VipState::Placed
@@ -250,7 +259,7 @@ mod tests {
     }
 
     fn prefix(network: &str, prefix_len: u8, reject: bool) -> RoutePrefix {
-        RoutePrefix { network: network.parse().unwrap(), prefix_len, reject }
+        RoutePrefix { network: network.parse().unwrap(), prefix_len, reject, metric: 0 }
     }
 
     #[test]
@@ -264,6 +273,12 @@ mod tests {
         assert!(!routes_cover(&routes, "2001:db9::9".parse().unwrap()));
         assert!(routes_cover(&[prefix("0.0.0.0", 0, false)], "203.0.113.9".parse().unwrap()));
         assert!(!routes_cover(&[prefix("0.0.0.0", 0, false)], "2001:db8::9".parse().unwrap()), "families do not mix");
+        // Equal prefixes: the lowest metric wins, as in the placement's lookup.
+        let blackhole_first = [
+            RoutePrefix { metric: 10, ..prefix("203.0.113.0", 24, true) },
+            RoutePrefix { metric: 100, ..prefix("203.0.113.0", 24, false) },
+        ];
+        assert!(!routes_cover(&blackhole_first, "203.0.113.9".parse().unwrap()));
     }
 
     #[test]

@@ -256,9 +256,10 @@ impl RoutingTable {
                 network: route.destination,
                 prefix_len: route.prefix_len,
                 reject: route.target == RouteTarget::Reject,
+                metric: route.metric,
             })
             .collect();
-        prefixes.sort_by_key(|p| (p.network, p.prefix_len, p.reject));
+        prefixes.sort_by_key(|p| (p.network, p.prefix_len, p.metric, p.reject));
         prefixes.dedup();
         prefixes
     }

@@ -135,26 +135,43 @@ fn plan_one(vip: IpAddr, route: Option<RouteMatch>, current: &[InterfaceAddress]
 /// [`VipPlan::interface_of`]. [`VipAction::InPlace`] and [`VipAction::NoRoute`] steps change
 /// nothing; the caller reports [`VipPlan::unroutable`].
 ///
-/// Stops at the first failure (the VIPs before it are done; the caller re-plans next round).
-pub async fn apply(netlink: &Netlink, plan: &VipPlan) -> Result<Vec<IpAddr>> {
+/// A VIP that fails does not hold back the others: its error is returned beside the VIPs that
+/// were placed (the caller reports it and re-plans next round). Stops at once on
+/// [`NetError::PermissionDenied`](super::NetError::PermissionDenied), which no other VIP would
+/// escape either.
+pub async fn apply(netlink: &Netlink, plan: &VipPlan) -> Result<(Vec<IpAddr>, Vec<(IpAddr, super::NetError)>)> {
     let mut to_announce = Vec::new();
+    let mut failed = Vec::new();
     for step in &plan.steps {
-        match &step.action {
+        let done = match &step.action {
             VipAction::InPlace { .. } | VipAction::NoRoute => continue,
             VipAction::Add { interface, prefix_len } => {
-                netlink.add_address(interface.index, step.vip, *prefix_len).await?;
+                netlink.add_address(interface.index, step.vip, *prefix_len).await.map(|_| ())
             }
             VipAction::Move { from, to, prefix_len } => {
-                netlink.add_address(to.index, step.vip, *prefix_len).await?;
+                let mut done = netlink.add_address(to.index, step.vip, *prefix_len).await.map(|_| ());
                 for wrong in from {
-                    netlink.remove_address(wrong.interface_index, wrong.address, wrong.prefix_len).await?;
+                    if done.is_err() {
+                        break;
+                    }
+                    done = netlink
+                        .remove_address(wrong.interface_index, wrong.address, wrong.prefix_len)
+                        .await
+                        .map(|_| ());
                 }
+                done
             }
+        };
+        match done {
+            Ok(()) => {
+                tracing::info!(vip = %step.vip, action = ?step.action, "vip placed");
+                to_announce.push(step.vip);
+            }
+            Err(e) if e.is_permission_denied() => return Err(e),
+            Err(e) => failed.push((step.vip, e)),
         }
-        tracing::info!(vip = %step.vip, action = ?step.action, "vip placed");
-        to_announce.push(step.vip);
     }
-    Ok(to_announce)
+    Ok((to_announce, failed))
 }
 
 /// Removes every one of `vips` from every interface of this node (a follower's duty, invariant

@@ -592,6 +592,8 @@ impl TaskStore {
             match self.read::<VipNodeStatus>(&crate::coord::join(layout::VIP_STATUS, &name)).await {
                 Ok((status, _)) => statuses.push((node, status)),
                 Err(StoreError::Coord(CoordError::NoNode { .. })) => {}
+                // A report this version cannot read says nothing; the others still count.
+                Err(StoreError::Corrupt { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -600,12 +602,18 @@ impl TaskStore {
     }
 
     /// Publishes this node's VIP report (an ephemeral node of this session, replaced in place).
+    /// A report left by an earlier session of this node (a restart within its session timeout)
+    /// is replaced by one of this session, since the old one vanishes when that session ends.
     pub async fn put_vip_status(&self, node: &NodeId, status: &VipNodeStatus) -> Result<()> {
         let path = layout::vip_status(node);
         let data = encode(status);
         loop {
             match self.coord.set(&path, &data, None).await {
-                Ok(_) => return Ok(()),
+                Ok(stat) if stat.ephemeral_owner == self.coord.session_id() => return Ok(()),
+                Ok(stat) => match self.coord.delete(&path, Some(stat.version)).await {
+                    Ok(()) | Err(CoordError::NoNode { .. } | CoordError::BadVersion { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                },
                 Err(CoordError::NoNode { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
