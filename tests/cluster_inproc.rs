@@ -195,3 +195,45 @@ async fn a_runner_that_cannot_be_called_is_left_out_and_tasks_run_elsewhere() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A task that can run is found however many pending tasks wait ahead of it: passes rotate
+/// through the pending tasks a page at a time (a page of 4 here, 10 000 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runnable_task_behind_many_waiting_ones_runs() {
+    let cluster = Cluster::new();
+    let node = TaskCenter::builder()
+        .node_id("paged")
+        .embedded(cluster.server.clone())
+        .transport(Arc::new(cluster.network.clone()))
+        .data_dir(cluster.dir.path().join("paged"))
+        .executor(Arc::new(SimulatedExecutor::new(1, Duration::from_millis(10), 1 << 20)))
+        .tasks_per_runner(1)
+        .pass_page_size(4)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_leader(&[&node]).await;
+    // A window that opens in two hours: closed now, whatever the time of day.
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let (opens, closes) = (
+        now.checked_add(jiff::SignedDuration::from_hours(2)).unwrap(),
+        now.checked_add(jiff::SignedDuration::from_hours(3)).unwrap(),
+    );
+    let window: task_center::model::RunWindow =
+        format!("{:02}:{:02}-{:02}:{:02}", opens.hour(), opens.minute(), closes.hour(), closes.minute())
+            .parse()
+            .unwrap();
+    let mut waiting = Vec::new();
+    for n in 0..14 {
+        waiting.push(node.create(spec(n), Some(window.clone())).await.unwrap().id);
+    }
+    let runnable = node.create(spec(100), None).await.unwrap();
+    let observer = cluster.observer();
+    wait_state(observer.as_ref(), runnable.id, TaskState::Succeeded, WAIT).await;
+    for id in waiting {
+        assert_eq!(node.show(id).await.unwrap().state(), TaskState::Pending, "a task ran outside its window");
+    }
+    node.shutdown().await;
+}

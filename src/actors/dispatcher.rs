@@ -77,7 +77,13 @@ struct RunnersChanged(Vec<RunnerInfo>);
 #[rtype(result = "()")]
 struct PassData {
     term: u64,
+    /// The oldest page of pending tasks, then the page at the rotating cursor.
     pending: Vec<Task>,
+    /// This pass saw every pending task.
+    complete: bool,
+    /// Where the next pass's second page starts (created ms); `None`: right after the oldest
+    /// page (the rotation starts again).
+    next_cursor: Option<i64>,
     running: Vec<Task>,
     /// Paused tasks hold their targets too (see [`super::targets`]).
     paused: Vec<Task>,
@@ -105,6 +111,8 @@ pub(crate) struct DispatcherConfig {
     pub call_timeout: Duration,
     pub mailbox_capacity: usize,
     pub status: watch::Sender<LeaderStatus>,
+    /// Pending tasks read per page of a pass ([`MAX_PASS_TASKS`] but in tests).
+    pub pass_page: usize,
 }
 
 struct Lead {
@@ -139,6 +147,9 @@ pub struct Dispatcher {
     /// When every running task's claim was last checked.
     last_audit: Option<Instant>,
     pass_scheduled: bool,
+    /// Where the next pass reads its second page of pending tasks (created ms): passes rotate
+    /// through every pending task, so one that can run is found however many wait ahead of it.
+    pending_cursor: Option<i64>,
     stop: StopToken,
 }
 
@@ -159,6 +170,7 @@ impl Dispatcher {
             wake_at: None,
             last_audit: None,
             pass_scheduled: false,
+            pending_cursor: None,
             stop: StopToken::new(),
         }
     }
@@ -195,30 +207,56 @@ impl Dispatcher {
             return;
         };
         let (mirror, term, addr) = (self.config.mirror.clone(), lead.term, ctx.address());
+        let (page, cursor) = (self.config.pass_page, self.pending_cursor);
         actix::spawn(async move {
-            let pending = mirror.list_by_state(TaskState::Pending, i64::MIN, MAX_PASS_TASKS).await;
+            let pending = async {
+                let mut pending = mirror.list_by_state(TaskState::Pending, i64::MIN, page).await?;
+                if pending.len() < page {
+                    return Ok((pending, true, None));
+                }
+                // More than a page waits: add the page at the cursor (the one after the oldest
+                // when it starts again), so that every pending task is looked at in turn.
+                let created = |t: &Task| t.control.created_at_ms;
+                let from = cursor.unwrap_or_else(|| pending.last().map_or(i64::MIN, created));
+                let next = mirror.list_by_state(TaskState::Pending, from, page).await?;
+                let next_cursor = (next.len() >= page).then(|| next.last().map_or(i64::MIN, created));
+                let seen: HashSet<TaskId> = pending.iter().map(|t| t.id).collect();
+                pending.extend(next.into_iter().filter(|t| !seen.contains(&t.id)));
+                Ok::<_, crate::cache::CacheError>((pending, false, next_cursor))
+            };
             let running = mirror.list_by_state(TaskState::Running, i64::MIN, MAX_PASS_TASKS).await;
             let paused = mirror.list_by_state(TaskState::Paused, i64::MIN, MAX_PASS_TASKS).await;
-            match (pending, running, paused) {
-                (Ok(pending), Ok(running), Ok(paused)) => {
-                    let _ = addr.send(PassData { term, pending, running, paused }).await;
+            match (pending.await, running, paused) {
+                (Ok((pending, complete, next_cursor)), Ok(running), Ok(paused)) => {
+                    let _ = addr.send(PassData { term, pending, complete, next_cursor, running, paused }).await;
                 }
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     warn!(error = %e, "cannot read the task mirror for scheduling");
                     let none = Vec::new;
-                    let _ = addr.send(PassData { term, pending: none(), running: none(), paused: none() }).await;
+                    let data = PassData {
+                        term,
+                        pending: none(),
+                        complete: false,
+                        next_cursor: None,
+                        running: none(),
+                        paused: none(),
+                    };
+                    let _ = addr.send(data).await;
                 }
             }
         });
     }
 
-    fn schedule(&mut self, pending: Vec<Task>, running: Vec<Task>, paused: Vec<Task>, ctx: &mut Context<Self>) {
+    fn schedule(&mut self, data: PassData, ctx: &mut Context<Self>) {
+        let PassData { pending, complete, next_cursor, running, paused, .. } = data;
         let Some(lead) = self.lead.as_ref().filter(|l| l.ready) else { return };
         let fence = lead.fence.clone();
         let now = Instant::now();
         let pending_ids: HashSet<TaskId> = pending.iter().map(|t| t.id).collect();
-        self.assigned.retain(|id, (_, at)| pending_ids.contains(id) && now.duration_since(*at) < ASSIGNED_GRACE);
-        self.backoff.retain(|id, _| pending_ids.contains(id));
+        // Forget what concerns tasks no longer pending, but only from a pass that saw them all.
+        self.assigned
+            .retain(|id, (_, at)| (pending_ids.contains(id) || !complete) && now.duration_since(*at) < ASSIGNED_GRACE);
+        self.backoff.retain(|id, _| pending_ids.contains(id) || !complete);
 
         let runners = self.runners.clone();
         let mut load: HashMap<&NodeId, u32> = runners.iter().map(|r| (&r.node, 0)).collect();
@@ -233,10 +271,13 @@ impl Dispatcher {
             }
         }
 
-        self.noted.retain(|id, _| pending_ids.contains(id));
+        if complete {
+            self.noted.retain(|id, _| pending_ids.contains(id));
+        }
         let unfinished: Vec<&Task> = pending.iter().chain(&running).chain(&paused).collect();
         let queued = targets::blocked(&unfinished);
         let mut sends = Vec::new();
+        let mut full = false;
         let mut earliest_opening: Option<i64> = None;
         self.settling.clear();
         for task in pending.iter().filter(|t| t.control.desired != DesiredState::Run) {
@@ -266,9 +307,19 @@ impl Dispatcher {
                 .filter(|r| self.unreachable.get(&r.node).is_none_or(|(until, _)| *until <= now))
                 .filter(|r| load.get(&r.node).copied().unwrap_or(u32::MAX) < r.capacity)
                 .min_by_key(|r| (load.get(&r.node).copied().unwrap_or(u32::MAX), r.node.clone()));
-            let Some(runner) = choice else { break };
+            let Some(runner) = choice else {
+                full = true;
+                break;
+            };
             *load.get_mut(&runner.node).expect("chosen runners have a load") += 1;
             sends.push((task.id, runner.clone()));
+        }
+        // Runners have room and more tasks wait beyond this pass's pages: look at the next page
+        // at once. A full cluster or a complete pass starts the rotation again.
+        self.pending_cursor = next_cursor;
+        if !complete && !full && !runners.is_empty() && next_cursor.is_some() {
+            self.pass_scheduled = true;
+            ctx.run_later(PASS_DEBOUNCE, |act, ctx| act.start_pass(ctx));
         }
         for (id, runner) in sends {
             self.in_flight.insert(id, runner.node.clone());
@@ -375,11 +426,20 @@ impl Dispatcher {
     fn watch_mirror(&self, ctx: &mut Context<Self>) {
         let (mut status, addr, stop) = (self.config.mirror.subscribe(), ctx.address(), self.stop.clone());
         actix::spawn(async move {
+            // What scheduling depends on; a progress-only batch (most of a copy's writes)
+            // starts no pass.
+            let relevant = |s: &crate::cache::MirrorStatus| (s.synced, s.reloads, s.state_batches);
+            let mut seen = relevant(&status.borrow_and_update());
             loop {
                 tokio::select! {
                     changed = status.changed() => if changed.is_err() { return },
                     _ = stop.cancelled() => return,
                 }
+                let now = relevant(&status.borrow_and_update());
+                if now == seen {
+                    continue;
+                }
+                seen = now;
                 if addr.try_send(Kick).is_err() && !addr.connected() {
                     return;
                 }
@@ -542,10 +602,10 @@ impl Handler<Kick> for Dispatcher {
 impl Handler<PassData> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, PassData { term, pending, running, paused }: PassData, ctx: &mut Context<Self>) {
+    fn handle(&mut self, data: PassData, ctx: &mut Context<Self>) {
         self.pass_scheduled = false;
-        if self.lead.as_ref().is_some_and(|l| l.term == term && l.ready) {
-            self.schedule(pending, running, paused, ctx);
+        if self.lead.as_ref().is_some_and(|l| l.term == data.term && l.ready) {
+            self.schedule(data, ctx);
         }
     }
 }

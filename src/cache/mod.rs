@@ -81,6 +81,9 @@ pub struct MirrorStatus {
     pub reloads: u64,
     /// Batches of changes applied; grows with every change the mirror takes in.
     pub batches: u64,
+    /// Batches that changed more than progress (a task created, deleted, or its control or
+    /// status record changed): what scheduling depends on. Progress-only batches leave it.
+    pub state_batches: u64,
 }
 
 /// Follows `/tasks` into an LMDB file and answers reads. See the module docs.
@@ -264,6 +267,7 @@ impl Follower {
             s.synced = true;
             s.reloads += 1;
             s.batches += 1;
+            s.state_batches += 1;
         });
         info!(tasks = count, "task mirror reloaded from ZooKeeper");
         Ok(())
@@ -285,6 +289,7 @@ impl Follower {
                 }
             }
             let mut dirty = BTreeSet::new();
+            let mut state_changed = false;
             for event in &events {
                 match event.kind {
                     EventKind::SessionLost => return Ok(Restart::Rewatch),
@@ -295,8 +300,15 @@ impl Follower {
                     }
                     _ => {
                         use layout::TaskPath::{Control, Progress, Status};
-                        if let Some(Control(id) | Status(id) | Progress(id)) = layout::parse_task_path(&event.path) {
-                            dirty.insert(id);
+                        match layout::parse_task_path(&event.path) {
+                            Some(Progress(id)) if event.kind == EventKind::DataChanged => {
+                                dirty.insert(id);
+                            }
+                            Some(Control(id) | Status(id) | Progress(id)) => {
+                                state_changed = true;
+                                dirty.insert(id);
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -311,7 +323,10 @@ impl Follower {
                 .await?;
             let cache = self.cache.clone();
             blocking(move || cache.apply(&changes)).await.map_err(cache_failure)?;
-            self.status.send_modify(|s| s.batches += 1);
+            self.status.send_modify(|s| {
+                s.batches += 1;
+                s.state_batches += u64::from(state_changed);
+            });
         }
     }
 

@@ -75,6 +75,7 @@ pub struct TaskCenterBuilder {
     pub(super) step_timeout_ms: u64,
     pub(super) stop_timeout_ms: u64,
     pub(super) leader_suspend_grace_ms: u64,
+    pub(super) pass_page: usize,
     pub(super) temporary_failure_limit: u32,
 }
 
@@ -126,6 +127,7 @@ impl Default for TaskCenterBuilder {
             step_timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
             leader_suspend_grace_ms: DEFAULT_LEADER_SUSPEND_GRACE_MS,
+            pass_page: crate::actors::dispatcher::MAX_PASS_TASKS,
             temporary_failure_limit: crate::actors::controller::MAX_TEMPORARY_FAILURES,
         }
     }
@@ -304,6 +306,15 @@ impl TaskCenterBuilder {
         self
     }
 
+    /// Pending tasks a scheduling pass reads per page, 1 to 100 000 (default
+    /// [`MAX_PASS_TASKS`](crate::actors::dispatcher::MAX_PASS_TASKS)). Passes rotate through
+    /// every pending task a page at a time; tests use a small page to exercise that.
+    #[doc(hidden)]
+    pub fn pass_page_size(mut self, page: usize) -> Self {
+        self.pass_page = page;
+        self
+    }
+
     /// Temporary failures of a task's run in a row (a backend unreachable, a panic, a call past
     /// its deadline) after which the task fails with the last one's reason, 1 to 1 000; each is
     /// retried with backoff (100 ms doubling to 10 s) from the last checkpoint. Default 10.
@@ -333,6 +344,7 @@ impl TaskCenterBuilder {
         range("step_timeout_ms", self.step_timeout_ms, 1_000, 86_400_000)?;
         range("stop_timeout_ms", self.stop_timeout_ms, 10, 600_000)?;
         range("leader_suspend_grace_ms", self.leader_suspend_grace_ms, 0, 600_000)?;
+        range("pass_page_size", self.pass_page as u64, 1, 100_000)?;
         range("temporary_failure_limit", u64::from(self.temporary_failure_limit), 1, 1_000)?;
         range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
         range("vips arp_burst", u64::from(self.vips.arp_burst), 1, 100)?;
@@ -384,6 +396,7 @@ impl TaskCenterBuilder {
             step_timeout_ms: self.step_timeout_ms,
             stop_timeout_ms: self.stop_timeout_ms,
             leader_suspend_grace_ms: self.leader_suspend_grace_ms,
+            pass_page: self.pass_page,
             temporary_failure_limit: self.temporary_failure_limit,
         })
     }

@@ -119,6 +119,7 @@ pub struct TaskCenter {
     stop_timeout_ms: u64,
     leader_suspend_grace_ms: u64,
     temporary_failure_limit: u32,
+    pass_page: usize,
 }
 
 /// Where a node stands.
@@ -420,6 +421,7 @@ async fn boot(
         call_timeout: Duration::from_millis(config.call_timeout_ms),
         mailbox_capacity: config.mailbox_capacity,
         status: leader_tx,
+        pass_page: config.pass_page,
     })
     .start();
     let _ = handler.actors.set((dispatcher.clone(), runner.clone()));
