@@ -227,7 +227,7 @@ async fn a_runnable_task_behind_many_waiting_ones_runs() {
             .unwrap();
     let mut waiting = Vec::new();
     for n in 0..14 {
-        waiting.push(node.create(spec(n), Some(window.clone())).await.unwrap().id);
+        waiting.push(node.create(spec(n), Some(window)).await.unwrap().id);
     }
     let runnable = node.create(spec(100), None).await.unwrap();
     let observer = cluster.observer();
