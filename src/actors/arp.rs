@@ -34,6 +34,9 @@ use super::election::Leadership;
 use super::vip::VipSettings;
 use crate::net;
 
+/// Probes in a row that must hear no other host before a conflict is declared cleared.
+pub const CLEAR_AFTER_QUIET_PROBES: u32 = 3;
+
 /// Makes sure every VIP is in place now; answers where each placed VIP is held, or `None` if
 /// the pass failed or this node no longer leads (the schedule is then left as it is).
 #[derive(Message)]
@@ -49,6 +52,8 @@ pub struct Placement {
     pub interface: String,
     /// That interface's MAC.
     pub mac: [u8; 6],
+    /// That interface's IPv6 link-local address, if it has one (the source of IPv6 probes).
+    pub link_local: Option<std::net::Ipv6Addr>,
 }
 
 /// VIPs the VIP server just placed while leading: they get a takeover burst of their own.
@@ -176,6 +181,8 @@ pub struct ArpSyncer {
     timer: Option<SpawnHandle>,
     /// The VIPs in conflict, with the other hardware addresses their last probe heard.
     conflicts: BTreeMap<IpAddr, Vec<[u8; 6]>>,
+    /// Probes in a row that heard no other host, per VIP in conflict.
+    quiet: BTreeMap<IpAddr, u32>,
     /// The current term while leading, 0 otherwise: a round in flight checks it before it
     /// announces, so that no frame goes out after leadership was lost.
     live: Arc<AtomicU64>,
@@ -195,6 +202,7 @@ impl ArpSyncer {
             again: false,
             timer: None,
             conflicts: BTreeMap::new(),
+            quiet: BTreeMap::new(),
             live: Arc::default(),
         }
     }
@@ -269,7 +277,12 @@ impl ArpSyncer {
             synced.errors.extend(outcome.errors);
             let Some(others) = outcome.others else { continue };
             let was = self.schedule.in_conflict(outcome.vip);
-            let is = !others.is_empty();
+            let heard = !others.is_empty();
+            // A conflict clears only after several quiet probes in a row: one answer lost on a
+            // busy link must not stop the fast announcements while the other host still holds it.
+            let quiet = if heard { 0 } else { self.quiet.get(&outcome.vip).copied().unwrap_or(0) + 1 };
+            self.quiet.insert(outcome.vip, quiet);
+            let is = heard || (was && quiet < CLEAR_AFTER_QUIET_PROBES);
             if is && !was {
                 let macs: Vec<String> = others.iter().map(|m| format_mac(*m)).collect();
                 warn!(vip = %outcome.vip, answered_by = ?macs, "VIP conflict: another host answers for this VIP; announcing it every {:?} until it stops", self.settings.conflict_interval);
@@ -277,15 +290,16 @@ impl ArpSyncer {
                 info!(vip = %outcome.vip, "VIP conflict cleared: no other host answers for it");
             }
             self.schedule.set_conflict(outcome.vip, is, now, &self.settings);
-            if is {
+            if heard {
                 self.conflicts.insert(outcome.vip, others);
-            } else {
+            } else if !is {
                 self.conflicts.remove(&outcome.vip);
             }
         }
         // Conflicts of VIPs not probed this round still stand; those of VIPs no longer held go.
         let schedule = &self.schedule;
         self.conflicts.retain(|vip, _| schedule.in_conflict(*vip));
+        self.quiet.retain(|vip, _| schedule.in_conflict(*vip));
         synced.conflicts = self.conflicts.clone();
         super::tell(&self.report, synced);
     }
@@ -302,7 +316,7 @@ struct Outcome {
 
 /// Announces, then probes, one VIP, unless leadership of `term` was lost meanwhile.
 async fn sync_one(placement: Placement, frames: u32, window: Duration, live: Arc<AtomicU64>, term: u64) -> Outcome {
-    let Placement { vip, interface, mac } = placement;
+    let Placement { vip, interface, mac, link_local } = placement;
     let mut errors = Vec::new();
     if live.load(Ordering::SeqCst) != term {
         return Outcome { vip, sent: 0, others: None, errors };
@@ -317,7 +331,7 @@ async fn sync_one(placement: Placement, frames: u32, window: Duration, live: Arc
             0
         }
     };
-    let others = match net::probe(&interface, vip, mac, window).await {
+    let others = match net::probe(&interface, vip, mac, link_local, window).await {
         Ok(others) => Some(others),
         Err(e) => {
             debug!(%vip, %interface, error = %e, "cannot probe the VIP");
@@ -351,6 +365,7 @@ impl Handler<Leadership> for ArpSyncer {
         self.live.store(if leading { self.term } else { 0 }, Ordering::SeqCst);
         self.schedule.clear();
         self.conflicts.clear();
+        self.quiet.clear();
         if leading {
             // Every VIP the first round finds held gets the takeover burst.
             self.round(ctx);

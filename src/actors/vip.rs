@@ -409,7 +409,15 @@ async fn pass(cx: &PassContext, ensure: bool, queued: Option<&AtomicBool>) -> Re
     let mut placements = Vec::new();
     for (vip, interface) in plan.placements().filter(|(ip, _)| !failed.contains(ip)) {
         match cx.netlink.interface_mac(interface.index).await {
-            Ok(mac) => placements.push(Placement { vip, interface: interface.name.clone(), mac }),
+            Ok(mac) => {
+                let link_local = current.iter().find_map(|a| match a.address {
+                    IpAddr::V6(v6) if a.interface_index == interface.index && v6.segments()[0] & 0xffc0 == 0xfe80 => {
+                        Some(v6)
+                    }
+                    _ => None,
+                });
+                placements.push(Placement { vip, interface: interface.name.clone(), mac, link_local });
+            }
             Err(e) => warn!(%vip, interface = %interface.name, error = %e, "no MAC for the VIP's interface"),
         }
     }

@@ -70,14 +70,29 @@ pub async fn announce_times(interface_name: &str, ip: IpAddr, mac: [u8; 6], time
 /// detection sends). Returns the hardware addresses other than `mac`, and other than this
 /// host's own interfaces', that answered for `ip`: an empty list means no other host claims
 /// it. Needs `CAP_NET_RAW`.
-pub async fn probe(interface_name: &str, ip: IpAddr, mac: [u8; 6], window: Duration) -> Result<Vec<[u8; 6]>> {
+///
+/// For IPv6, give `source` (the interface's link-local address): the solicitation then comes
+/// from it, and a holder answers it alone. Without it, the solicitation comes from the
+/// unspecified address, and a holder answers to all nodes, which makes every neighbour map the
+/// VIP to that holder until the next announcement.
+pub async fn probe(
+    interface_name: &str,
+    ip: IpAddr,
+    mac: [u8; 6],
+    source: Option<Ipv6Addr>,
+    window: Duration,
+) -> Result<Vec<[u8; 6]>> {
     let interface = interface_name.to_owned();
     let run = move || {
         // Another interface of this host answers too when the kernel replies for any local
         // address on any link (`arp_ignore` 0, the default): that is no conflict.
         let own: Vec<[u8; 6]> = pnet_datalink::interfaces().iter().filter_map(|i| i.mac.map(|m| m.octets())).collect();
         let (mut sender, mut receiver) = open_channel(&interface, Some(PROBE_READ_TIMEOUT))?;
-        send_on(sender.as_mut(), &interface, &probe_frame(ip, mac))?;
+        let frame = match (ip, source) {
+            (IpAddr::V6(target), Some(source)) => neighbour_solicitation_frame(target, source, mac).to_vec(),
+            _ => probe_frame(ip, mac),
+        };
+        send_on(sender.as_mut(), &interface, &frame)?;
         let deadline = std::time::Instant::now() + window;
         let mut others = Vec::new();
         while std::time::Instant::now() < deadline {
@@ -150,6 +165,32 @@ pub fn dad_solicitation_frame(ip: Ipv6Addr, mac: [u8; 6]) -> [u8; DAD_NS_FRAME_L
     ns[2..4].copy_from_slice(&checksum.to_be_bytes());
     frame
 }
+
+/// A neighbour solicitation for `target` from `source` (this host's link-local address) and
+/// `mac` (RFC 4861 section 7.2.2): to `target`'s solicited-node multicast group, hop limit 255,
+/// with a source link-layer address option. A holder of `target` answers with a solicited
+/// advertisement to `source` alone.
+pub fn neighbour_solicitation_frame(target: Ipv6Addr, source: Ipv6Addr, mac: [u8; 6]) -> [u8; NS_FRAME_LEN] {
+    let mut frame = [0u8; NS_FRAME_LEN];
+    let dad = dad_solicitation_frame(target, mac);
+    frame[..DAD_NS_FRAME_LEN].copy_from_slice(&dad);
+    let ipv6 = &mut frame[ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + IPV6_HEADER_LEN];
+    ipv6[4..6].copy_from_slice(&((NS_LEN + 8) as u16).to_be_bytes());
+    ipv6[8..24].copy_from_slice(&source.octets());
+    let group: [u8; 16] = ipv6[24..40].try_into().expect("16 bytes");
+    let ns = &mut frame[ETHERNET_HEADER_LEN + IPV6_HEADER_LEN..];
+    ns[2..4].fill(0);
+    ns[NS_LEN] = OPTION_SOURCE_LINK_LAYER_ADDRESS;
+    ns[NS_LEN + 1] = 1;
+    ns[NS_LEN + 2..NS_LEN + 8].copy_from_slice(&mac);
+    let checksum = icmpv6_checksum(source, Ipv6Addr::from(group), ns);
+    ns[2..4].copy_from_slice(&checksum.to_be_bytes());
+    frame
+}
+
+/// The length of a neighbour solicitation with a source link-layer address option.
+pub const NS_FRAME_LEN: usize = DAD_NS_FRAME_LEN + 8;
+const OPTION_SOURCE_LINK_LAYER_ADDRESS: u8 = 1;
 
 /// The length of a duplicate-address-detection solicitation: Ethernet, IPv6, 24 bytes of
 /// solicitation.
@@ -423,6 +464,20 @@ mod tests {
         assert_eq!(claimant(&unsolicited_na_frame(ip, other), IpAddr::V6(ip)), Some(other));
         assert_eq!(claimant(&unsolicited_na_frame(ip, other), "2001:db8::1".parse().unwrap()), None);
         assert_eq!(claimant(&[0u8; 10], IpAddr::V6(ip)), None, "a short frame");
+    }
+
+    #[test]
+    fn a_solicitation_from_a_link_local_address_carries_it_and_our_mac() {
+        let (target, source): (Ipv6Addr, Ipv6Addr) = ("2001:db8::12:3456".parse().unwrap(), "fe80::1".parse().unwrap());
+        let ns = neighbour_solicitation_frame(target, source, MAC);
+        assert_eq!(&ns[0..6], &[0x33, 0x33, 0xff, 0x12, 0x34, 0x56]);
+        assert_eq!(u16::from_be_bytes([ns[18], ns[19]]), 32, "payload length");
+        assert_eq!(&ns[22..38], &source.octets());
+        let group: Ipv6Addr = "ff02::1:ff12:3456".parse().unwrap();
+        let icmp = &ns[54..];
+        assert_eq!((icmp[0], &icmp[8..24]), (135, &target.octets()[..]));
+        assert_eq!((icmp[24], icmp[25], &icmp[26..32]), (1, 1, &MAC[..]), "source link-layer address option");
+        assert_eq!(icmpv6_checksum(source, group, icmp), 0, "the checksum verifies");
     }
 
     #[test]

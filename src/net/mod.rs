@@ -57,8 +57,8 @@ mod plan;
 
 pub use announce::{
     announce, announce_times, announcement_frame, arp_probe_frame, claimant, dad_solicitation_frame,
-    gratuitous_arp_frame, probe, probe_frame, unsolicited_na_frame, DAD_NS_FRAME_LEN, GARP_FRAME_LEN, SEND_TIMEOUT,
-    UNSOLICITED_NA_FRAME_LEN,
+    gratuitous_arp_frame, neighbour_solicitation_frame, probe, probe_frame, unsolicited_na_frame, DAD_NS_FRAME_LEN,
+    GARP_FRAME_LEN, NS_FRAME_LEN, SEND_TIMEOUT, UNSOLICITED_NA_FRAME_LEN,
 };
 pub use netlink::{Netlink, RoutingTable};
 pub use plan::{apply, plan, remove_vips, VipAction, VipPlan, VipStep};
