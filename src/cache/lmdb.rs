@@ -159,6 +159,14 @@ impl TaskCache {
         &self.env
     }
 
+    /// Closes the file and waits until LMDB has let it go, so that the directory may be opened
+    /// again in this process (one environment per directory per process). Blocking.
+    pub fn close(self) {
+        let closing = self.env.clone().prepare_for_closing();
+        drop(self);
+        closing.wait();
+    }
+
     /// Applies changes in one transaction.
     pub fn apply(&self, changes: &[CacheChange]) -> Result<(), CacheError> {
         let mut wtxn = self.write()?;
