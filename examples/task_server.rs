@@ -110,6 +110,12 @@ struct Args {
     /// Temporary failures in a row after which a task fails (default 10).
     #[arg(long)]
     temporary_failure_limit: Option<u32>,
+    /// How long a finished task is kept before the leader deletes it (default 30 days).
+    #[arg(long)]
+    retention_age_ms: Option<u64>,
+    /// How many finished tasks are kept at most; the oldest go first (default 10000).
+    #[arg(long)]
+    retention_count: Option<usize>,
     /// How long a leader cut off from ZooKeeper keeps leading (and its VIPs), at most until its
     /// local lease lapses (default 1000; 0 lets go at once).
     #[arg(long)]
@@ -140,6 +146,8 @@ impl Args {
             stop_timeout_ms: self.stop_timeout_ms.or(file.stop_timeout_ms),
             temporary_failure_limit: self.temporary_failure_limit.or(file.temporary_failure_limit),
             leader_suspend_grace_ms: self.leader_suspend_grace_ms.or(file.leader_suspend_grace_ms),
+            retention_age_ms: self.retention_age_ms.or(file.retention_age_ms),
+            retention_count: self.retention_count.or(file.retention_count),
             arp_burst: self.arp_burst.or(file.arp_burst),
             arp_rounds: self.arp_rounds.or(file.arp_rounds),
             vip_conflict_interval_ms: self.vip_conflict_interval_ms.or(file.vip_conflict_interval_ms),
@@ -201,6 +209,12 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if let Some(grace) = args.leader_suspend_grace_ms {
         builder = builder.leader_suspend_grace_ms(grace);
+    }
+    if let Some(age) = args.retention_age_ms {
+        builder = builder.retention_age_ms(age);
+    }
+    if let Some(count) = args.retention_count {
+        builder = builder.retention_count(count);
     }
     let mut vips = VipSettings { enabled: !args.no_vips, ..VipSettings::default() };
     if let Some(ms) = args.vip_check_interval_ms {

@@ -133,6 +133,8 @@ enum TaskCommand {
     },
     /// Stop a task for good.
     Cancel { id: String },
+    /// Delete a finished (succeeded, failed or canceled) task and its records.
+    Delete { id: String },
     /// Stop a task at its next block, keeping its progress.
     Pause { id: String },
     /// Let a paused task run again.
@@ -245,6 +247,7 @@ fn request_of(command: TaskCommand) -> Result<ClientRequest, Failure> {
             limit,
         }),
         TaskCommand::Cancel { id: s } => ClientRequest::Cancel { id: id(&s)? },
+        TaskCommand::Delete { id: s } => ClientRequest::Delete { id: id(&s)? },
         TaskCommand::Pause { id: s } => ClientRequest::Pause { id: id(&s)? },
         TaskCommand::Resume { id: s } => ClientRequest::Resume { id: id(&s)? },
         TaskCommand::SetRuntime { id: s, start, end, clear } => {

@@ -84,6 +84,11 @@ pub enum ClientRequest {
     },
     /// Every service's virtual IPs, and who holds them.
     ListVips,
+    /// Delete a finished (succeeded, failed or canceled) task and its records.
+    Delete {
+        /// The task.
+        id: TaskId,
+    },
 }
 
 impl ClientRequest {
@@ -279,6 +284,9 @@ impl From<crate::store::StoreError> for ApiError {
             StoreError::AlreadyExists { id } => ApiError::AlreadyExists { id },
             StoreError::Invalid(e) => e.into(),
             StoreError::Fenced { .. } => ApiError::NotLeader { leader: None },
+            StoreError::NotFinished { id, state } => {
+                ApiError::WrongState { id, state, action: "delete (only a finished task can be)".into() }
+            }
             e if e.is_transient() => ApiError::CoordinationUnavailable(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }

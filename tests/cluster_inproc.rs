@@ -237,3 +237,79 @@ async fn a_runnable_task_behind_many_waiting_ones_runs() {
     }
     node.shutdown().await;
 }
+
+/// A finished task can be deleted, with its records; a task that has not finished cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_can_be_deleted_and_unfinished_ones_cannot() {
+    let cluster = Cluster::new();
+    let node = cluster.node("del", SimulatedExecutor::new(1, Duration::from_millis(10), 1 << 20)).await;
+    wait_leader(&[&node]).await;
+    let observer = cluster.observer();
+    let done = node.create(spec(1), None).await.unwrap();
+    wait_state(observer.as_ref(), done.id, TaskState::Succeeded, WAIT).await;
+    let deleted = node.delete(done.id).await.unwrap();
+    assert_eq!((deleted.id, deleted.state()), (done.id, TaskState::Succeeded));
+    let path = task_center::store::layout::task(&done.id);
+    assert_eq!(observer.exists(&path).await.unwrap(), None, "the task's records are gone");
+    common::within(WAIT, "the mirror forgets the deleted task", async {
+        while !matches!(node.show(done.id).await, Err(ApiError::NotFound { .. })) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(matches!(node.delete(done.id).await, Err(ApiError::NotFound { .. })));
+
+    let paused = node.create(spec(2), None).await.unwrap();
+    let _ = node.pause(paused.id).await.unwrap();
+    match node.delete(paused.id).await {
+        Err(ApiError::WrongState { id, .. }) => assert_eq!(id, paused.id),
+        other => panic!("deleting an unfinished task: {other:?}"),
+    }
+    assert!(observer.exists(&task_center::store::layout::task(&paused.id)).await.unwrap().is_some());
+    node.shutdown().await;
+}
+
+/// Beyond the retention count, the leader deletes the oldest finished tasks by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_finished_tasks() {
+    let cluster = Cluster::new();
+    let node = TaskCenter::builder()
+        .node_id("keep")
+        .embedded(cluster.server.clone())
+        .transport(Arc::new(cluster.network.clone()))
+        .data_dir(cluster.dir.path().join("keep"))
+        .executor(Arc::new(SimulatedExecutor::new(1, Duration::from_millis(5), 1 << 20)))
+        .tasks_per_runner(1)
+        .sweep_interval_ms(100)
+        .retention_count(2)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_leader(&[&node]).await;
+    let observer = cluster.observer();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let task = node.create(spec(n), None).await.unwrap();
+        // One after the other, so that they finish in creation order.
+        wait_state(observer.as_ref(), task.id, TaskState::Succeeded, WAIT).await;
+        ids.push(task.id);
+    }
+    let left = common::within(WAIT, "retention deletes all but the two newest", async {
+        loop {
+            let (children, watch) = observer.children_watch(task_center::store::layout::TASKS).await.unwrap();
+            if children.len() <= 2 {
+                return children;
+            }
+            watch.await;
+        }
+    })
+    .await;
+    let mut newest: Vec<String> = ids[3..].iter().map(|id| id.to_string()).collect();
+    let mut left = left;
+    newest.sort();
+    left.sort();
+    assert_eq!(left, newest, "the two newest finished tasks are kept");
+    node.shutdown().await;
+}

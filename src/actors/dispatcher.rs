@@ -28,7 +28,7 @@ use crate::coord::{CoordError, EventKind};
 use crate::exec::StopToken;
 use crate::model::{Change, DesiredState, NodeId, RunnerInfo, Task, TaskId, TaskState};
 use crate::schedule::{Schedule, WindowCheck};
-use crate::store::{decode, layout, Fence, TaskStore};
+use crate::store::{decode, layout, Fence, StoreError, TaskStore};
 use crate::transport::Transport;
 
 /// Most tasks one scheduling pass looks at.
@@ -113,7 +113,26 @@ pub(crate) struct DispatcherConfig {
     pub status: watch::Sender<LeaderStatus>,
     /// Pending tasks read per page of a pass ([`MAX_PASS_TASKS`] but in tests).
     pub pass_page: usize,
+    /// How long and how many finished tasks are kept.
+    pub retention: Retention,
 }
+
+/// How long and how many finished (succeeded, failed, canceled) tasks the leader keeps before it
+/// deletes them, oldest first, fenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// A finished task older than this (since it finished) is deleted.
+    pub max_age: Duration,
+    /// Beyond this many finished tasks, the oldest are deleted.
+    pub max_count: usize,
+}
+
+/// Finished tasks deleted per retention round at most, so that a backlog goes out gradually.
+pub const RETENTION_BATCH: usize = 500;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Retained;
 
 struct Lead {
     fence: Fence,
@@ -150,6 +169,8 @@ pub struct Dispatcher {
     /// Where the next pass reads its second page of pending tasks (created ms): passes rotate
     /// through every pending task, so one that can run is found however many wait ahead of it.
     pending_cursor: Option<i64>,
+    /// A retention round is running.
+    retaining: bool,
     stop: StopToken,
 }
 
@@ -171,6 +192,7 @@ impl Dispatcher {
             last_audit: None,
             pass_scheduled: false,
             pending_cursor: None,
+            retaining: false,
             stop: StopToken::new(),
         }
     }
@@ -361,6 +383,55 @@ impl Dispatcher {
         }
     }
 
+    /// Deletes finished tasks beyond the retention's age or count (see [`Retention`]), at most
+    /// [`RETENTION_BATCH`] per round, in the background.
+    fn retain_finished(&mut self, ctx: &mut Context<Self>) {
+        let Some(lead) = self.lead.as_ref().filter(|l| l.ready) else { return };
+        if self.retaining {
+            return;
+        }
+        self.retaining = true;
+        let (mirror, store, fence, addr) =
+            (self.config.mirror.clone(), self.config.store.clone(), lead.fence.clone(), ctx.address());
+        let (retention, now_ms) = (self.config.retention, self.config.schedule.clock().now_ms());
+        actix::spawn(async move {
+            let finished = async {
+                let (mut total, mut oldest) = (0, Vec::new());
+                for state in [TaskState::Succeeded, TaskState::Failed, TaskState::Canceled] {
+                    total += mirror.count_by_state(state).await?;
+                    oldest.extend(mirror.list_by_state(state, i64::MIN, RETENTION_BATCH).await?);
+                }
+                Ok::<_, crate::cache::CacheError>((total, oldest))
+            };
+            match finished.await {
+                Ok((total, mut oldest)) => {
+                    oldest.sort_by_key(|t| (t.status.updated_at_ms, t.control.created_at_ms));
+                    let excess = total.saturating_sub(retention.max_count);
+                    let cutoff = now_ms.saturating_sub(retention.max_age.as_millis() as i64);
+                    let doomed = oldest
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, t)| *i < excess || t.status.updated_at_ms < cutoff)
+                        .map(|(_, t)| t.id)
+                        .take(RETENTION_BATCH);
+                    let mut deleted = 0;
+                    for id in doomed {
+                        match store.delete_finished(&id, &fence).await {
+                            Ok(_) | Err(StoreError::NotFound { .. }) => deleted += 1,
+                            Err(StoreError::Fenced { .. }) => break,
+                            Err(e) => debug!(task = %id, error = %e, "retention cannot delete a finished task yet"),
+                        }
+                    }
+                    if deleted > 0 {
+                        info!(deleted, finished = total, "retention deleted finished tasks");
+                    }
+                }
+                Err(e) => warn!(error = %e, "retention cannot read the task mirror"),
+            }
+            let _ = addr.send(Retained).await;
+        });
+    }
+
     /// Moves a pending task whose operators asked to pause or cancel it to that state.
     fn settle(&mut self, task: &Task, fence: &Fence) {
         if !self.settling.insert(task.id) {
@@ -543,6 +614,8 @@ impl Actor for Dispatcher {
         self.watch_runners(ctx);
         self.watch_mirror(ctx);
         ctx.run_interval(self.config.sweep_interval, |act, ctx| act.kick(ctx));
+        let every = (self.config.sweep_interval * 5).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        ctx.run_interval(every, |act, ctx| act.retain_finished(ctx));
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -588,6 +661,14 @@ impl Handler<Ready> for Dispatcher {
             self.publish();
             self.kick(ctx);
         }
+    }
+}
+
+impl Handler<Retained> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Retained, _ctx: &mut Context<Self>) {
+        self.retaining = false;
     }
 }
 

@@ -61,6 +61,11 @@ impl Leader {
                 self.list_vips().await
             }
             ClientRequest::ListVips => self.list_vips().await,
+            ClientRequest::Delete { id } => {
+                let task = self.store.delete_finished(&id, &self.fence).await?;
+                tracing::info!(task = %id, state = %task.state(), "task deleted on request");
+                Ok(ClientReply::Task(task))
+            }
         }
     }
 

@@ -276,6 +276,20 @@ impl TaskCache {
         self.collect_ids(&rtxn, iter.map(|entry| entry.map(|(key, ())| &key[9..25])), limit)
     }
 
+    /// How many tasks are in `state` (an index scan; no record is decoded).
+    pub fn count_by_state(&self, state: TaskState) -> Result<usize, CacheError> {
+        let rtxn = self.read()?;
+        let (start, end) = ([state.code()], [state.code() + 1]);
+        let range = (std::ops::Bound::Included(&start[..]), std::ops::Bound::Excluded(&end[..]));
+        let iter = self.by_state.range(&rtxn, &range).map_err(|e| self.err(e))?;
+        let mut count = 0;
+        for entry in iter {
+            entry.map_err(|e| self.err(e))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Tasks created in `[from_ms, to_ms)`, oldest first, at most `limit`.
     pub fn list_by_created(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Task>, CacheError> {
         let rtxn = self.read()?;

@@ -148,6 +148,12 @@ impl TaskMirror {
         blocking(move || cache.list_by_state(state, from_ms, limit)).await
     }
 
+    /// How many tasks are in `state`.
+    pub async fn count_by_state(&self, state: TaskState) -> Result<usize, CacheError> {
+        let cache = self.cache.clone();
+        blocking(move || cache.count_by_state(state)).await
+    }
+
     /// Tasks created in `[from_ms, to_ms)`, oldest first, at most `limit`.
     pub async fn list_by_created(&self, from_ms: i64, to_ms: i64, limit: usize) -> Result<Vec<Task>, CacheError> {
         let cache = self.cache.clone();

@@ -76,6 +76,8 @@ pub struct TaskCenterBuilder {
     pub(super) stop_timeout_ms: u64,
     pub(super) leader_suspend_grace_ms: u64,
     pub(super) pass_page: usize,
+    pub(super) retention_age_ms: u64,
+    pub(super) retention_count: usize,
     pub(super) temporary_failure_limit: u32,
 }
 
@@ -101,6 +103,10 @@ pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 900_000;
 /// Default time an executor call may take to stop after a pause, cancel, shutdown or window end
 /// before it is abandoned; a stop takes effect within it plus one progress commit.
 pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 2_000;
+/// Default [`TaskCenterBuilder::retention_age_ms`]: 30 days.
+pub const DEFAULT_RETENTION_AGE_MS: u64 = 30 * 86_400_000;
+/// Default [`TaskCenterBuilder::retention_count`].
+pub const DEFAULT_RETENTION_COUNT: usize = 10_000;
 /// Default [`TaskCenterBuilder::leader_suspend_grace_ms`].
 pub const DEFAULT_LEADER_SUSPEND_GRACE_MS: u64 = 1_000;
 
@@ -128,6 +134,8 @@ impl Default for TaskCenterBuilder {
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
             leader_suspend_grace_ms: DEFAULT_LEADER_SUSPEND_GRACE_MS,
             pass_page: crate::actors::dispatcher::MAX_PASS_TASKS,
+            retention_age_ms: DEFAULT_RETENTION_AGE_MS,
+            retention_count: DEFAULT_RETENTION_COUNT,
             temporary_failure_limit: crate::actors::controller::MAX_TEMPORARY_FAILURES,
         }
     }
@@ -306,6 +314,20 @@ impl TaskCenterBuilder {
         self
     }
 
+    /// How long a finished (succeeded, failed, canceled) task is kept after it finished before
+    /// the leader deletes it, 1 000 ms to 10 years. Default 30 days.
+    pub fn retention_age_ms(mut self, age_ms: u64) -> Self {
+        self.retention_age_ms = age_ms;
+        self
+    }
+
+    /// How many finished tasks are kept at most; beyond it the leader deletes the oldest, 1 to
+    /// 10 000 000. Default 10 000.
+    pub fn retention_count(mut self, count: usize) -> Self {
+        self.retention_count = count;
+        self
+    }
+
     /// Pending tasks a scheduling pass reads per page, 1 to 100 000 (default
     /// [`MAX_PASS_TASKS`](crate::actors::dispatcher::MAX_PASS_TASKS)). Passes rotate through
     /// every pending task a page at a time; tests use a small page to exercise that.
@@ -345,6 +367,8 @@ impl TaskCenterBuilder {
         range("stop_timeout_ms", self.stop_timeout_ms, 10, 600_000)?;
         range("leader_suspend_grace_ms", self.leader_suspend_grace_ms, 0, 600_000)?;
         range("pass_page_size", self.pass_page as u64, 1, 100_000)?;
+        range("retention_age_ms", self.retention_age_ms, 1_000, 10 * 365 * 86_400_000)?;
+        range("retention_count", self.retention_count as u64, 1, 10_000_000)?;
         range("temporary_failure_limit", u64::from(self.temporary_failure_limit), 1, 1_000)?;
         range("vips check_interval", self.vips.check_interval.as_millis() as u64, 10, 3_600_000)?;
         range("vips arp_burst", u64::from(self.vips.arp_burst), 1, 100)?;
@@ -397,6 +421,8 @@ impl TaskCenterBuilder {
             stop_timeout_ms: self.stop_timeout_ms,
             leader_suspend_grace_ms: self.leader_suspend_grace_ms,
             pass_page: self.pass_page,
+            retention_age_ms: self.retention_age_ms,
+            retention_count: self.retention_count,
             temporary_failure_limit: self.temporary_failure_limit,
         })
     }

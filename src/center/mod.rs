@@ -37,8 +37,9 @@ mod builder;
 
 pub use builder::{
     ConfigError, CoordinationConfig, TaskCenterBuilder, DEFAULT_CALL_TIMEOUT_MS, DEFAULT_DATA_THREADS,
-    DEFAULT_LEADER_SUSPEND_GRACE_MS, DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_SHUTDOWN_TIMEOUT_MS,
-    DEFAULT_STEP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_SWEEP_INTERVAL_MS, DEFAULT_TASKS_PER_RUNNER,
+    DEFAULT_LEADER_SUSPEND_GRACE_MS, DEFAULT_MAILBOX_CAPACITY, DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_RETENTION_AGE_MS,
+    DEFAULT_RETENTION_COUNT, DEFAULT_SHUTDOWN_TIMEOUT_MS, DEFAULT_STEP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_MS,
+    DEFAULT_SWEEP_INTERVAL_MS, DEFAULT_TASKS_PER_RUNNER,
 };
 
 /// Why a node could not start. Nothing is left running.
@@ -120,6 +121,8 @@ pub struct TaskCenter {
     leader_suspend_grace_ms: u64,
     temporary_failure_limit: u32,
     pass_page: usize,
+    retention_age_ms: u64,
+    retention_count: usize,
 }
 
 /// Where a node stands.
@@ -422,6 +425,10 @@ async fn boot(
         mailbox_capacity: config.mailbox_capacity,
         status: leader_tx,
         pass_page: config.pass_page,
+        retention: crate::actors::dispatcher::Retention {
+            max_age: Duration::from_millis(config.retention_age_ms),
+            max_count: config.retention_count,
+        },
     })
     .start();
     let _ = handler.actors.set((dispatcher.clone(), runner.clone()));
@@ -593,6 +600,12 @@ impl TaskCenterHandle {
     /// Cancels a task; returns it as stored after the change.
     pub async fn cancel(&self, id: TaskId) -> Result<Task, ApiError> {
         task(self.request(ClientRequest::Cancel { id }).await?)
+    }
+
+    /// Deletes a finished task (succeeded, failed or canceled) and its records; returns it as it
+    /// was. A task that is not finished is refused with [`ApiError::WrongState`].
+    pub async fn delete(&self, id: TaskId) -> Result<Task, ApiError> {
+        task(self.request(ClientRequest::Delete { id }).await?)
     }
 
     /// Pauses a task; returns it as stored after the change.

@@ -1,7 +1,7 @@
 //! Errors of the task store.
 
 use crate::coord::CoordError;
-use crate::model::{ModelError, NodeId, TaskId};
+use crate::model::{ModelError, NodeId, TaskId, TaskState};
 
 /// Why a task-store call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +41,21 @@ pub enum StoreError {
         /// `control` or `status`.
         record: &'static str,
     },
+    /// Only a finished (succeeded, failed or canceled) task can be deleted. Final.
+    #[error("task {id} is {state}: only a succeeded, failed or canceled task can be deleted")]
+    NotFinished {
+        /// The task.
+        id: TaskId,
+        /// Its state.
+        state: TaskState,
+    },
+    /// A claim is still held under the finished task (its runner has not let go yet).
+    /// Transient.
+    #[error("task {id} still holds a claim; try again")]
+    StillClaimed {
+        /// The task.
+        id: TaskId,
+    },
     /// A stored record cannot be decoded. Final until someone repairs it.
     #[error("record {path} is corrupt: {reason}")]
     Corrupt {
@@ -61,7 +76,7 @@ impl StoreError {
     /// Whether retrying later (with backoff) may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Conflict { .. } => true,
+            StoreError::Conflict { .. } | StoreError::StillClaimed { .. } => true,
             StoreError::Coord(e) => e.is_transient(),
             _ => false,
         }

@@ -584,6 +584,40 @@ impl TaskStore {
         Ok(configs)
     }
 
+    /// Deletes a finished (succeeded, failed or canceled) task and its records in one fenced
+    /// multi, provided its status is still the one read: a task that moved meanwhile is not
+    /// deleted. Answers the task as it was. A task that is not finished is refused
+    /// ([`StoreError::NotFinished`]); one already gone is [`StoreError::NotFound`] (also the
+    /// answer to a retry whose first reply was lost).
+    pub async fn delete_finished(&self, id: &TaskId, fence: &Fence) -> Result<Task> {
+        let task = self.get(id).await?;
+        if !task.state().is_terminal() {
+            return Err(StoreError::NotFinished { id: *id, state: task.state() });
+        }
+        let delete = |path: String| Op::Delete { path, expected: None };
+        let ops = vec![
+            fence.check(),
+            Op::Check { path: layout::status(id), version: task.versions.status },
+            delete(layout::progress(id)),
+            delete(layout::locks(id)),
+            delete(layout::status(id)),
+            delete(layout::task(id)),
+        ];
+        match self.coord.multi(ops).await {
+            Ok(_) => Ok(task),
+            Err(e) => {
+                let e = fence_error(e, fence)?;
+                match e.root() {
+                    // A claim still under the task (a runner that has not let go yet): later.
+                    CoordError::NotEmpty { .. } => Err(StoreError::StillClaimed { id: *id }),
+                    CoordError::BadVersion { .. } => Err(StoreError::Conflict { id: *id, record: "status" }),
+                    CoordError::NoNode { .. } => Err(StoreError::NotFound { id: *id }),
+                    _ => Err(e.into()),
+                }
+            }
+        }
+    }
+
     /// Every live node's VIP report, by node id.
     pub async fn vip_statuses(&self) -> Result<Vec<(NodeId, VipNodeStatus)>> {
         let mut statuses = Vec::new();
