@@ -15,7 +15,7 @@ use task_center::exec::SimulatedExecutor;
 use task_center::model::{DesiredState, TaskState};
 use task_center::store::TaskStore;
 use task_center::transport::InProcessNetwork;
-use task_center::{TaskCenter, TaskCenterHandle};
+use task_center::{TaskCenter, TaskCenterBuilder, TaskCenterHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -34,19 +34,25 @@ impl Cluster {
     }
 
     async fn node(&self, name: &str, executor: SimulatedExecutor) -> TaskCenterHandle {
-        TaskCenter::builder()
+        self.node_with(name, executor, |builder| builder).await
+    }
+
+    /// A node with two task slots and a 200 ms sweep, then `adjust`'s settings.
+    async fn node_with(
+        &self,
+        name: &str,
+        executor: SimulatedExecutor,
+        adjust: impl FnOnce(TaskCenterBuilder) -> TaskCenterBuilder,
+    ) -> TaskCenterHandle {
+        let builder = TaskCenter::builder()
             .node_id(name)
             .embedded(self.server.clone())
             .transport(Arc::new(self.network.clone()))
             .data_dir(self.dir.path().join(name))
             .executor(Arc::new(executor))
             .tasks_per_runner(2)
-            .sweep_interval_ms(200)
-            .build()
-            .unwrap()
-            .start()
-            .await
-            .unwrap()
+            .sweep_interval_ms(200);
+        adjust(builder).build().unwrap().start().await.unwrap()
     }
 
     fn observer(&self) -> Arc<dyn Coordination> {
@@ -201,19 +207,8 @@ async fn a_runner_that_cannot_be_called_is_left_out_and_tasks_run_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runnable_task_behind_many_waiting_ones_runs() {
     let cluster = Cluster::new();
-    let node = TaskCenter::builder()
-        .node_id("paged")
-        .embedded(cluster.server.clone())
-        .transport(Arc::new(cluster.network.clone()))
-        .data_dir(cluster.dir.path().join("paged"))
-        .executor(Arc::new(SimulatedExecutor::new(1, Duration::from_millis(10), 1 << 20)))
-        .tasks_per_runner(1)
-        .pass_page_size(4)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let executor = SimulatedExecutor::new(1, Duration::from_millis(10), 1 << 20);
+    let node = cluster.node_with("paged", executor, |b| b.tasks_per_runner(1).pass_page_size(4)).await;
     wait_leader(&[&node]).await;
     // A window that opens in two hours: closed now, whatever the time of day.
     let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
@@ -273,20 +268,9 @@ async fn finished_tasks_can_be_deleted_and_unfinished_ones_cannot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_the_newest_finished_tasks() {
     let cluster = Cluster::new();
-    let node = TaskCenter::builder()
-        .node_id("keep")
-        .embedded(cluster.server.clone())
-        .transport(Arc::new(cluster.network.clone()))
-        .data_dir(cluster.dir.path().join("keep"))
-        .executor(Arc::new(SimulatedExecutor::new(1, Duration::from_millis(5), 1 << 20)))
-        .tasks_per_runner(1)
-        .sweep_interval_ms(100)
-        .retention_count(2)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let executor = SimulatedExecutor::new(1, Duration::from_millis(5), 1 << 20);
+    let node =
+        cluster.node_with("keep", executor, |b| b.tasks_per_runner(1).sweep_interval_ms(100).retention_count(2)).await;
     wait_leader(&[&node]).await;
     let observer = cluster.observer();
     let mut ids = Vec::new();

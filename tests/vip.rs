@@ -112,11 +112,10 @@ impl Site {
         NodeProcess::start(&self.node_config(i, id)).await
     }
 
-    /// `taskctl --node NODE ARGS...` run inside the observer's namespace: its stdout, or its
-    /// exit status and stderr.
-    fn taskctl(&self, node: &NodeProcess, args: &[&str]) -> Result<String, String> {
+    /// `taskctl --node NODE ARGS...` run inside the observer's namespace.
+    fn run_taskctl(&self, node: &NodeProcess, args: &[&str]) -> std::process::Output {
         let binary = example_binary("taskctl");
-        let output = tokio::task::block_in_place(|| {
+        tokio::task::block_in_place(|| {
             Command::new("ip")
                 .args(["netns", "exec", self.host(OBS).name()])
                 .arg(&binary)
@@ -125,7 +124,12 @@ impl Site {
                 .env("TASK_CENTER_SECRET", SECRET)
                 .output()
                 .expect("run taskctl")
-        });
+        })
+    }
+
+    /// `taskctl ARGS...` through `node`: its stdout, or its exit status and stderr.
+    fn taskctl(&self, node: &NodeProcess, args: &[&str]) -> Result<String, String> {
+        let output = self.run_taskctl(node, args);
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
@@ -135,17 +139,7 @@ impl Site {
 
     /// `taskctl ARGS...` through `node`, with its stdout and stderr; panics if it fails.
     fn taskctl_both(&self, node: &NodeProcess, args: &[&str]) -> (String, String) {
-        let binary = example_binary("taskctl");
-        let output = tokio::task::block_in_place(|| {
-            Command::new("ip")
-                .args(["netns", "exec", self.host(OBS).name()])
-                .arg(&binary)
-                .args(["--node", node.address(), "--timeout-ms", "20000"])
-                .args(args)
-                .env("TASK_CENTER_SECRET", SECRET)
-                .output()
-                .expect("run taskctl")
-        });
+        let output = self.run_taskctl(node, args);
         let (out, err) = (
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),

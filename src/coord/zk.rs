@@ -275,22 +275,14 @@ fn map_error(e: zk::Error, path: &str) -> CoordError {
             CoordError::Timeout(format!("ZooKeeper call on {path}: {custom}"))
         }
         zk::Error::BadArguments(reason) => CoordError::BadPath { path, reason },
-        // A call in flight when the connection broke fails with the I/O error: the connection
-        // is lost, the session may well live on.
-        zk::Error::Custom(custom) if caused_by_io(&custom) => CoordError::ConnectionLoss,
+        // The client's own failures (a call in flight when the connection broke fails with the
+        // I/O error, e.g. "Connection reset by peer"): the connection is lost, the session may
+        // well live on. Answers about the data always come as the server's error codes above,
+        // never as these. (The I/O error sits behind an `Arc` in `CustomError`, so it cannot be
+        // told apart by type.)
+        zk::Error::Custom(_) => CoordError::ConnectionLoss,
         other => CoordError::Other(other.to_string()),
     }
-}
-
-fn caused_by_io(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<std::io::Error>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
 }
 
 fn map_stat(s: &zk::Stat) -> Stat {
