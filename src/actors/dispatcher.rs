@@ -81,9 +81,10 @@ struct PassData {
     pending: Vec<Task>,
     /// This pass saw every pending task.
     complete: bool,
-    /// Where the next pass's second page starts (created ms); `None`: right after the oldest
-    /// page (the rotation starts again).
-    next_cursor: Option<i64>,
+    /// The last task (created ms, id) of the cursor's page, where the next pass's second page
+    /// starts (strictly after it); `None`: right after the oldest page (the rotation starts
+    /// again).
+    next_cursor: Option<(i64, TaskId)>,
     running: Vec<Task>,
     /// Paused tasks hold their targets too (see [`super::targets`]).
     paused: Vec<Task>,
@@ -168,7 +169,10 @@ pub struct Dispatcher {
     pass_scheduled: bool,
     /// Where the next pass reads its second page of pending tasks (created ms): passes rotate
     /// through every pending task, so one that can run is found however many wait ahead of it.
-    pending_cursor: Option<i64>,
+    pending_cursor: Option<(i64, TaskId)>,
+    /// The tasks assigned and not yet seen running (`in_flight` and `assigned`): they hold
+    /// their target volumes even when a pass does not see them among its pages.
+    held: HashMap<TaskId, Task>,
     /// A retention round is running.
     retaining: bool,
     stop: StopToken,
@@ -192,6 +196,7 @@ impl Dispatcher {
             last_audit: None,
             pass_scheduled: false,
             pending_cursor: None,
+            held: HashMap::new(),
             retaining: false,
             stop: StopToken::new(),
         }
@@ -233,18 +238,20 @@ impl Dispatcher {
         actix::spawn(async move {
             let pending = async {
                 let mut pending = mirror.list_by_state(TaskState::Pending, i64::MIN, page).await?;
-                if pending.len() < page {
+                let key = |t: &Task| (t.control.created_at_ms, t.id);
+                let Some(last) = pending.last().filter(|_| pending.len() >= page).map(key) else {
                     return Ok((pending, true, None));
-                }
-                // More than a page waits: add the page at the cursor (the one after the oldest
-                // when it starts again), so that every pending task is looked at in turn.
-                let created = |t: &Task| t.control.created_at_ms;
-                let from = cursor.unwrap_or_else(|| pending.last().map_or(i64::MIN, created));
-                let next = mirror.list_by_state(TaskState::Pending, from, page).await?;
-                let next_cursor = (next.len() >= page).then(|| next.last().map_or(i64::MIN, created));
+                };
+                // More than a page waits: add the page strictly after the cursor (after the
+                // oldest page when the rotation starts again), so that every pending task is
+                // looked at in turn, however many share a millisecond.
+                let after = cursor.filter(|c| *c > last).unwrap_or(last);
+                let next = mirror.list_by_state_after(TaskState::Pending, after, page).await?;
+                let next_cursor = next.last().filter(|_| next.len() >= page).map(key);
+                let complete = cursor.is_none() && next.len() < page;
                 let seen: HashSet<TaskId> = pending.iter().map(|t| t.id).collect();
                 pending.extend(next.into_iter().filter(|t| !seen.contains(&t.id)));
-                Ok::<_, crate::cache::CacheError>((pending, false, next_cursor))
+                Ok::<_, crate::cache::CacheError>((pending, complete, next_cursor))
             };
             let running = mirror.list_by_state(TaskState::Running, i64::MIN, MAX_PASS_TASKS).await;
             let paused = mirror.list_by_state(TaskState::Paused, i64::MIN, MAX_PASS_TASKS).await;
@@ -275,10 +282,14 @@ impl Dispatcher {
         let fence = lead.fence.clone();
         let now = Instant::now();
         let pending_ids: HashSet<TaskId> = pending.iter().map(|t| t.id).collect();
-        // Forget what concerns tasks no longer pending, but only from a pass that saw them all.
-        self.assigned
-            .retain(|id, (_, at)| (pending_ids.contains(id) || !complete) && now.duration_since(*at) < ASSIGNED_GRACE);
-        self.backoff.retain(|id, _| pending_ids.contains(id) || !complete);
+        let started: HashSet<TaskId> = running.iter().chain(&paused).map(|t| t.id).collect();
+        // Forget what concerns tasks no longer pending: those seen running or paused, and, from a
+        // pass that saw every pending task, those it did not see.
+        let gone = |id: &TaskId| started.contains(id) || (complete && !pending_ids.contains(id));
+        self.assigned.retain(|id, (_, at)| !gone(id) && now.duration_since(*at) < ASSIGNED_GRACE);
+        self.backoff.retain(|id, _| !gone(id));
+        let (in_flight, assigned) = (&self.in_flight, &self.assigned);
+        self.held.retain(|id, _| in_flight.contains_key(id) || assigned.contains_key(id));
 
         let runners = self.runners.clone();
         let mut load: HashMap<&NodeId, u32> = runners.iter().map(|r| (&r.node, 0)).collect();
@@ -293,10 +304,10 @@ impl Dispatcher {
             }
         }
 
-        if complete {
-            self.noted.retain(|id, _| pending_ids.contains(id));
-        }
-        let unfinished: Vec<&Task> = pending.iter().chain(&running).chain(&paused).collect();
+        self.noted.retain(|id, _| !gone(id));
+        // Tasks assigned but not seen running hold their targets, seen in a page or not.
+        let held: Vec<&Task> = self.held.values().filter(|t| !pending_ids.contains(&t.id)).collect();
+        let unfinished: Vec<&Task> = pending.iter().chain(&running).chain(&paused).chain(held).collect();
         let queued = targets::blocked(&unfinished);
         let mut sends = Vec::new();
         let mut full = false;
@@ -335,6 +346,7 @@ impl Dispatcher {
             };
             *load.get_mut(&runner.node).expect("chosen runners have a load") += 1;
             sends.push((task.id, runner.clone()));
+            self.held.insert(task.id, task.clone());
         }
         // Runners have room and more tasks wait beyond this pass's pages: look at the next page
         // at once. A full cluster or a complete pass starts the rotation again.
@@ -395,6 +407,10 @@ impl Dispatcher {
             (self.config.mirror.clone(), self.config.store.clone(), lead.fence.clone(), ctx.address());
         let (retention, now_ms) = (self.config.retention, self.config.schedule.clock().now_ms());
         actix::spawn(async move {
+            if !mirror.subscribe().borrow().synced {
+                let _ = addr.send(Retained).await;
+                return;
+            }
             let finished = async {
                 let (mut total, mut oldest) = (0, Vec::new());
                 for state in [TaskState::Succeeded, TaskState::Failed, TaskState::Canceled] {
@@ -417,8 +433,15 @@ impl Dispatcher {
                     let mut deleted = 0;
                     for id in doomed {
                         match store.delete_finished(&id, &fence).await {
-                            Ok(_) | Err(StoreError::NotFound { .. }) => deleted += 1,
+                            Ok(_) | Err(StoreError::NotFound { .. }) => {
+                                let _ = mirror.remove(id).await;
+                                deleted += 1;
+                            }
                             Err(StoreError::Fenced { .. }) => break,
+                            Err(e @ StoreError::Coord(_)) if e.is_transient() => {
+                                debug!(error = %e, "retention stops this round: the coordination service is unavailable");
+                                break;
+                            }
                             Err(e) => debug!(task = %id, error = %e, "retention cannot delete a finished task yet"),
                         }
                     }
@@ -510,9 +533,11 @@ impl Dispatcher {
                 if now == seen {
                     continue;
                 }
-                seen = now;
-                if addr.try_send(Kick).is_err() && !addr.connected() {
-                    return;
+                match addr.try_send(Kick) {
+                    Ok(()) => seen = now,
+                    // A full mailbox: the next batch tries again.
+                    Err(_) if addr.connected() => {}
+                    Err(_) => return,
                 }
             }
         });

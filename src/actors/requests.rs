@@ -63,6 +63,8 @@ impl Leader {
             ClientRequest::ListVips => self.list_vips().await,
             ClientRequest::Delete { id } => {
                 let task = self.store.delete_finished(&id, &self.fence).await?;
+                // Read your own delete: the mirror's event may still be on its way.
+                let _ = self.mirror.remove(id).await;
                 tracing::info!(task = %id, state = %task.state(), "task deleted on request");
                 Ok(ClientReply::Task(task))
             }

@@ -276,6 +276,21 @@ impl TaskCache {
         self.collect_ids(&rtxn, iter.map(|entry| entry.map(|(key, ())| &key[9..25])), limit)
     }
 
+    /// Tasks in `state` strictly after `(created_ms, id)` in the index's order, at most `limit`.
+    pub fn list_by_state_after(
+        &self,
+        state: TaskState,
+        after: (i64, TaskId),
+        limit: usize,
+    ) -> Result<Vec<Task>, CacheError> {
+        let rtxn = self.read()?;
+        let start = state_key(state, after.0, &after.1);
+        let end = [state.code() + 1];
+        let range = (std::ops::Bound::Excluded(&start[..]), std::ops::Bound::Excluded(&end[..]));
+        let iter = self.by_state.range(&rtxn, &range).map_err(|e| self.err(e))?;
+        self.collect_ids(&rtxn, iter.map(|entry| entry.map(|(key, ())| &key[9..25])), limit)
+    }
+
     /// How many tasks are in `state` (an index scan; no record is decoded).
     pub fn count_by_state(&self, state: TaskState) -> Result<usize, CacheError> {
         let rtxn = self.read()?;

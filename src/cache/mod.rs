@@ -117,6 +117,25 @@ impl TaskMirror {
         let _ = status.wait_for(|s| s.reloads >= done && s.synced).await;
     }
 
+    /// Removes a task just deleted from ZooKeeper from the cache at once, so that the deleter
+    /// reads its own delete (the event follows and changes nothing more).
+    pub async fn remove(&self, id: TaskId) -> Result<(), CacheError> {
+        let cache = self.cache.clone();
+        blocking(move || cache.apply(&[CacheChange::Remove(id)])).await
+    }
+
+    /// Tasks in `state` that come strictly after `(created_ms, id)` in the state's order (oldest
+    /// first), at most `limit`: the next page after a task already seen.
+    pub async fn list_by_state_after(
+        &self,
+        state: TaskState,
+        after: (i64, TaskId),
+        limit: usize,
+    ) -> Result<Vec<Task>, CacheError> {
+        let cache = self.cache.clone();
+        blocking(move || cache.list_by_state_after(state, after, limit)).await
+    }
+
     /// Writes a task read from (or just written to) ZooKeeper into the cache at once, so that the
     /// writer reads its own write. Merged by version like every other change.
     pub async fn upsert(&self, task: Task) -> Result<(), CacheError> {
