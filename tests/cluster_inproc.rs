@@ -210,16 +210,7 @@ async fn a_runnable_task_behind_many_waiting_ones_runs() {
     let executor = SimulatedExecutor::new(1, Duration::from_millis(10), 1 << 20);
     let node = cluster.node_with("paged", executor, |b| b.tasks_per_runner(1).pass_page_size(4)).await;
     wait_leader(&[&node]).await;
-    // A window that opens in two hours: closed now, whatever the time of day.
-    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
-    let (opens, closes) = (
-        now.checked_add(jiff::SignedDuration::from_hours(2)).unwrap(),
-        now.checked_add(jiff::SignedDuration::from_hours(3)).unwrap(),
-    );
-    let window: task_center::model::RunWindow =
-        format!("{:02}:{:02}-{:02}:{:02}", opens.hour(), opens.minute(), closes.hour(), closes.minute())
-            .parse()
-            .unwrap();
+    let window = closed_window();
     let mut waiting = Vec::new();
     for n in 0..14 {
         waiting.push(node.create(spec(n), Some(window)).await.unwrap().id);
@@ -309,13 +300,7 @@ async fn paged_passes_keep_one_task_per_target() {
     let executor = SimulatedExecutor::new(20, Duration::from_millis(50), 1 << 20);
     let node = cluster.node_with("one-target", executor, |b| b.tasks_per_runner(4).pass_page_size(2)).await;
     wait_leader(&[&node]).await;
-    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
-    let later = |h| now.checked_add(jiff::SignedDuration::from_hours(h)).unwrap();
-    let (opens, closes) = (later(2), later(3));
-    let window: task_center::model::RunWindow =
-        format!("{:02}:{:02}-{:02}:{:02}", opens.hour(), opens.minute(), closes.hour(), closes.minute())
-            .parse()
-            .unwrap();
+    let window = closed_window();
     for n in 0..5 {
         node.create(spec(n), Some(window)).await.unwrap();
     }
@@ -331,4 +316,12 @@ async fn paged_passes_keep_one_task_per_target() {
     let second = wait_state(observer.as_ref(), younger.id, TaskState::Succeeded, WAIT).await;
     assert!(first.updated_at_ms <= second.updated_at_ms);
     node.shutdown().await;
+}
+
+/// A UTC run window that opens in two hours: closed now, whatever the time of day.
+fn closed_window() -> task_center::model::RunWindow {
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let later = |hours| now.checked_add(jiff::SignedDuration::from_hours(hours)).unwrap();
+    let (opens, closes) = (later(2), later(3));
+    format!("{:02}:{:02}-{:02}:{:02}", opens.hour(), opens.minute(), closes.hour(), closes.minute()).parse().unwrap()
 }

@@ -84,3 +84,23 @@ pub async fn wait_status(
         Err(_) => panic!("session status did not reach the expected state within {timeout:?}; last {:?}", *rx.borrow()),
     }
 }
+
+/// Makes the process `cmd` starts die with the test process (`PR_SET_PDEATHSIG`), so that a
+/// failed or killed test leaves no ZooKeeper or node behind.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test process died between fork and prctl: do not start an orphan.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}

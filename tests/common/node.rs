@@ -242,20 +242,7 @@ impl NodeProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The test process died between fork and prctl: do not start an orphan.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        super::die_with_parent(&mut cmd);
         let mut child = spawn_from_launcher(cmd).unwrap_or_else(|e| panic!("cannot launch task_server: {e}"));
         self.pid = child.id() as libc::pid_t;
         let stdout = child.stdout.take().expect("piped stdout");

@@ -589,20 +589,7 @@ fn launch_java(netns: Option<&str>, dir: &Path, main_class: &str) -> Child {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone the log file handle"))
         .stderr(log);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The test process died between fork and prctl: do not start an orphan.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
+    super::die_with_parent(&mut cmd);
     spawn_from_launcher(cmd).unwrap_or_else(|e| panic!("cannot launch java for ZooKeeper: {e}"))
 }
 
