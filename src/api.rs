@@ -284,6 +284,8 @@ impl From<crate::store::StoreError> for ApiError {
             StoreError::AlreadyExists { id } => ApiError::AlreadyExists { id },
             StoreError::Invalid(e) => e.into(),
             StoreError::Fenced { .. } => ApiError::NotLeader { leader: None },
+            // Transient, but the coordination service is fine: the task is busy.
+            e @ (StoreError::Conflict { .. } | StoreError::StillClaimed { .. }) => ApiError::Unavailable(e.to_string()),
             StoreError::NotFinished { id, state } => {
                 ApiError::WrongState { id, state, action: "delete (only a finished task can be)".into() }
             }

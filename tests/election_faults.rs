@@ -290,3 +290,32 @@ async fn a_leader_rides_out_a_stall_within_its_grace_and_no_longer() {
         node.shutdown().await;
     }
 }
+
+/// A delete whose reply is lost after ZooKeeper applied it answers the task, as if the reply had
+/// come, rather than failing (or, retried, answering "not found").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_reply_is_lost_answers_the_task() {
+    common::init_tracing();
+    let server = EmbeddedServer::new();
+    let faulty = FaultyCoordination::new(Arc::new(server.connect()));
+    let coord: Arc<dyn Coordination> = Arc::new(faulty.clone());
+    let store = task_center::store::TaskStore::new(coord.clone(), Arc::new(task_center::clock::SystemClock));
+    store.init().await.unwrap();
+    let candidate = format!("{}/{}", layout::ELECTION, layout::CANDIDATE_PREFIX);
+    let fence = task_center::store::Fence::new(
+        coord.create(&candidate, b"", task_center::coord::CreateMode::EphemeralSequential).await.unwrap(),
+    );
+    let id = task_center::model::TaskId::generate();
+    store.create(id, spec(1), None, &fence).await.unwrap();
+    let cancel = |_: &task_center::model::Task| Ok(Some((TaskState::Canceled, task_center::model::Change::Plain)));
+    store.transition(&id, &fence, cancel).await.unwrap();
+
+    faulty.set_faults(Faults {
+        lose_next: vec![LoseNext { kind: CallKind::Multi, path_prefix: String::new(), after: 0, count: 1 }],
+        ..Faults::default()
+    });
+    let deleted = store.delete_finished(&id, &fence).await.expect("the lost reply is recovered");
+    assert_eq!((deleted.id, deleted.state()), (id, TaskState::Canceled));
+    assert_eq!(faulty.lost_replies(), 1, "the delete's reply was lost");
+    assert_eq!(coord.exists(&layout::task(&id)).await.unwrap(), None);
+}

@@ -587,8 +587,9 @@ impl TaskStore {
     /// Deletes a finished (succeeded, failed or canceled) task and its records in one fenced
     /// multi, provided its status is still the one read: a task that moved meanwhile is not
     /// deleted. Answers the task as it was. A task that is not finished is refused
-    /// ([`StoreError::NotFinished`]); one already gone is [`StoreError::NotFound`] (also the
-    /// answer to a retry whose first reply was lost).
+    /// ([`StoreError::NotFinished`]); one already gone is [`StoreError::NotFound`]. A delete whose
+    /// reply was lost is looked up: if the task is gone, the delete happened, and the task is
+    /// answered as if the reply had come.
     pub async fn delete_finished(&self, id: &TaskId, fence: &Fence) -> Result<Task> {
         let task = self.get(id).await?;
         if !task.state().is_terminal() {
@@ -605,6 +606,10 @@ impl TaskStore {
         ];
         match self.coord.multi(ops).await {
             Ok(_) => Ok(task),
+            Err(e) if e.is_transient() => match self.coord.exists(&layout::task(id)).await {
+                Ok(None) => Ok(task),
+                _ => Err(e.into()),
+            },
             Err(e) => {
                 let e = fence_error(e, fence)?;
                 match e.root() {
