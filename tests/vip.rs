@@ -181,6 +181,16 @@ impl Site {
         }
     }
 
+    /// n1 started alone (so it leads), then n2; the service's IPv4 VIP placed on n1's eth0.
+    async fn leader_and_follower(&self) -> (NodeProcess, NodeProcess) {
+        let n1 = self.start_node(N1, "n1").await;
+        n1.wait_stderr(0, &["won the election"], WAIT).await;
+        let n2 = self.start_node(N2, "n2").await;
+        self.set_vip(&n1, SERVICE, &[VIP4]);
+        await_holders(self.host(N1), VIP4, &on_eth0(24), WAIT).await;
+        (n1, n2)
+    }
+
     /// `taskctl vip set SERVICE ADDRESSES...` through `node`.
     fn set_vip(&self, node: &NodeProcess, service: &str, addresses: &[&str]) {
         let mut args = vec!["vip", "set", service];
@@ -436,11 +446,7 @@ async fn a_vip_without_route_makes_the_leader_hand_over() {
     n2_ns.add_veth("x0", "x0p");
     n2_ns.ip(&["addr", "add", "203.0.113.1/24", "dev", "x0"]);
 
-    let n1 = site.start_node(N1, "n1").await;
-    n1.wait_stderr(0, &["won the election"], WAIT).await;
-    let n2 = site.start_node(N2, "n2").await;
-    site.set_vip(&n1, SERVICE, &[VIP4]);
-    await_holders(n1_ns, VIP4, &on_eth0(24), WAIT).await;
+    let (n1, n2) = site.leader_and_follower().await;
 
     let (n1_mark, n2_mark) = (n1.stderr_mark(), n2.stderr_mark());
     let set = Instant::now();
@@ -607,11 +613,7 @@ async fn an_orphan_vip_is_a_conflict_and_the_neighbours_stay_with_the_new_leader
 async fn an_unplaceable_vip_never_moves_leadership_until_a_node_can_place_it() {
     let site = Site::new("vipun");
     let (n1_ns, n2_ns) = (site.host(N1), site.host(N2));
-    let n1 = site.start_node(N1, "n1").await;
-    n1.wait_stderr(0, &["won the election"], WAIT).await;
-    let n2 = site.start_node(N2, "n2").await;
-    site.set_vip(&n1, SERVICE, &[VIP4]);
-    await_holders(n1_ns, VIP4, &on_eth0(24), WAIT).await;
+    let (n1, n2) = site.leader_and_follower().await;
 
     let (n1_mark, n2_mark) = (n1.stderr_mark(), n2.stderr_mark());
     let (_, warning) = site.taskctl_both(&n2, &["vip", "set", "edge", EDGE_VIP]);

@@ -25,6 +25,9 @@ use task_center::transport::InProcessNetwork;
 use task_center::{TaskCenter, TaskCenterHandle};
 
 /// The session timeout the nodes ask for.
+/// How these tests retry what a client would retry: the crate's policy, jittered and capped.
+const CLIENT_RETRY: task_center::retry::Backoff =
+    task_center::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 const SESSION_TIMEOUT: Duration = Duration::from_millis(4_000);
 /// The nodes' request deadline (default 30 s): short, so that a request during the quorum's
 /// outage fails within the test's time rather than after half a minute.
@@ -119,13 +122,14 @@ async fn lowest_candidate(observer: &dyn Coordination) -> Option<(usize, String)
 /// Waits until a finished task holds no claim (an orphan claim would block it if it ran again).
 async fn no_claim_left(observer: &dyn Coordination, id: TaskId) {
     common::within(WAIT, "the finished task's claim is released", async {
+        let mut delays = CLIENT_RETRY.delays();
         loop {
             match observer.children_watch(&layout::locks(&id)).await {
                 Ok((claims, _)) if claims.is_empty() => return,
                 Ok((_, watch)) => {
                     watch.await;
                 }
-                Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) if e.is_transient() => delays.wait().await,
                 Err(e) => panic!("cannot list the claims of {id}: {e}"),
             }
         }
@@ -139,14 +143,14 @@ async fn no_claim_left(observer: &dyn Coordination, id: TaskId) {
 async fn create_retrying(node: &TaskCenterHandle, id: TaskId, spec: TaskSpec, limit: Duration) -> (Task, u32) {
     let what = format!("create {id} through {}", node.node_id());
     common::within(limit, &what, async {
-        let mut failures = 0;
+        let (mut failures, mut delays) = (0, CLIENT_RETRY.delays());
         loop {
             match node.create_with_id(id, spec.clone(), None).await {
                 Ok(task) => return (task, failures),
                 Err(e) if e.is_transient() => {
                     failures += 1;
                     tracing::info!(node = %node.node_id(), task = %id, error = %e, "create failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    delays.wait().await;
                 }
                 Err(e) => panic!("{what}: final error {e}"),
             }

@@ -131,10 +131,6 @@ pub struct Retention {
 /// Finished tasks deleted per retention round at most, so that a backlog goes out gradually.
 pub const RETENTION_BATCH: usize = 500;
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Retained;
-
 struct Lead {
     fence: Fence,
     term: u64,
@@ -403,56 +399,11 @@ impl Dispatcher {
             return;
         }
         self.retaining = true;
-        let (mirror, store, fence, addr) =
-            (self.config.mirror.clone(), self.config.store.clone(), lead.fence.clone(), ctx.address());
+        let (mirror, store, fence) = (self.config.mirror.clone(), self.config.store.clone(), lead.fence.clone());
         let (retention, now_ms) = (self.config.retention, self.config.schedule.clock().now_ms());
-        actix::spawn(async move {
-            if !mirror.subscribe().borrow().synced {
-                let _ = addr.send(Retained).await;
-                return;
-            }
-            let finished = async {
-                let (mut total, mut oldest) = (0, Vec::new());
-                for state in [TaskState::Succeeded, TaskState::Failed, TaskState::Canceled] {
-                    total += mirror.count_by_state(state).await?;
-                    oldest.extend(mirror.list_by_state(state, i64::MIN, RETENTION_BATCH).await?);
-                }
-                Ok::<_, crate::cache::CacheError>((total, oldest))
-            };
-            match finished.await {
-                Ok((total, mut oldest)) => {
-                    oldest.sort_by_key(|t| (t.status.updated_at_ms, t.control.created_at_ms));
-                    let excess = total.saturating_sub(retention.max_count);
-                    let cutoff = now_ms.saturating_sub(retention.max_age.as_millis() as i64);
-                    let doomed = oldest
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, t)| *i < excess || t.status.updated_at_ms < cutoff)
-                        .map(|(_, t)| t.id)
-                        .take(RETENTION_BATCH);
-                    let mut deleted = 0;
-                    for id in doomed {
-                        match store.delete_finished(&id, &fence).await {
-                            Ok(_) | Err(StoreError::NotFound { .. }) => {
-                                let _ = mirror.remove(id).await;
-                                deleted += 1;
-                            }
-                            Err(StoreError::Fenced { .. }) => break,
-                            Err(e @ StoreError::Coord(_)) if e.is_transient() => {
-                                debug!(error = %e, "retention stops this round: the coordination service is unavailable");
-                                break;
-                            }
-                            Err(e) => debug!(task = %id, error = %e, "retention cannot delete a finished task yet"),
-                        }
-                    }
-                    if deleted > 0 {
-                        info!(deleted, finished = total, "retention deleted finished tasks");
-                    }
-                }
-                Err(e) => warn!(error = %e, "retention cannot read the task mirror"),
-            }
-            let _ = addr.send(Retained).await;
-        });
+        // Owned by the actor: it ends with the dispatcher.
+        let round = retention_round(mirror, store, fence, retention, now_ms);
+        ctx.spawn(round.into_actor(self).map(|(), act, _| act.retaining = false));
     }
 
     /// Moves a pending task whose operators asked to pause or cancel it to that state.
@@ -689,11 +640,53 @@ impl Handler<Ready> for Dispatcher {
     }
 }
 
-impl Handler<Retained> for Dispatcher {
-    type Result = ();
-
-    fn handle(&mut self, _: Retained, _ctx: &mut Context<Self>) {
-        self.retaining = false;
+/// One retention round (see [`Dispatcher::retain_finished`]): deletes the finished tasks
+/// beyond the retention's age or count, oldest first, at most [`RETENTION_BATCH`].
+async fn retention_round(mirror: Arc<TaskMirror>, store: TaskStore, fence: Fence, retention: Retention, now_ms: i64) {
+    if !mirror.subscribe().borrow().synced {
+        return;
+    }
+    let finished = async {
+        let (mut total, mut oldest) = (0, Vec::new());
+        for state in [TaskState::Succeeded, TaskState::Failed, TaskState::Canceled] {
+            total += mirror.count_by_state(state).await?;
+            oldest.extend(mirror.list_by_state(state, i64::MIN, RETENTION_BATCH).await?);
+        }
+        Ok::<_, crate::cache::CacheError>((total, oldest))
+    };
+    let (total, mut oldest) = match finished.await {
+        Ok(found) => found,
+        Err(e) => {
+            warn!(error = %e, "retention cannot read the task mirror");
+            return;
+        }
+    };
+    oldest.sort_by_key(|t| (t.status.updated_at_ms, t.control.created_at_ms));
+    let excess = total.saturating_sub(retention.max_count);
+    let cutoff = now_ms.saturating_sub(retention.max_age.as_millis() as i64);
+    let doomed = oldest
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| *i < excess || t.status.updated_at_ms < cutoff)
+        .map(|(_, t)| t.id)
+        .take(RETENTION_BATCH);
+    let mut deleted = 0;
+    for id in doomed {
+        match store.delete_finished(&id, &fence).await {
+            Ok(_) | Err(StoreError::NotFound { .. }) => {
+                let _ = mirror.remove(id).await;
+                deleted += 1;
+            }
+            Err(StoreError::Fenced { .. }) => break,
+            Err(e @ StoreError::Coord(_)) if e.is_transient() => {
+                debug!(error = %e, "retention stops this round: the coordination service is unavailable");
+                break;
+            }
+            Err(e) => debug!(task = %id, error = %e, "retention cannot delete a finished task yet"),
+        }
+    }
+    if deleted > 0 {
+        info!(deleted, finished = total, "retention deleted finished tasks");
     }
 }
 

@@ -286,15 +286,18 @@ impl VipServer {
     /// Runs a pass in the background (see [`pass`]). Passes coalesce: while one is queued
     /// behind the running one, another request adds nothing (the queued pass reads the wanted
     /// state when it starts, so it covers every request made before).
-    fn reconcile(&mut self, _ctx: &mut Context<Self>) {
+    fn reconcile(&mut self, ctx: &mut Context<Self>) {
         let Some(cx) = self.pass_context() else { return };
         if self.queued.swap(true, Ordering::SeqCst) {
             return;
         }
         let queued = self.queued.clone();
-        actix::spawn(async move {
+        // Owned by the actor: a pass ends with the VIP server (passes are idempotent, and the
+        // release on leadership loss is awaited by the election, not one of these).
+        let pass = async move {
             let _ = run_pass(&cx, false, Some(&queued)).await;
-        });
+        };
+        ctx.spawn(pass.into_actor(self));
     }
 }
 
